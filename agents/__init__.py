@@ -1,0 +1,1 @@
+"""Policies and learners (Transformer and MLP policies, MAML, in-context training)."""
