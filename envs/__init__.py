@@ -1,6 +1,7 @@
 """Task families shipped with metarl; importing this package registers them (also with Gymnasium)."""
 
 from metarl.envs import point_nav
+
 from metarl.gym_registration import register_gymnasium
 
 _BUILTIN = {

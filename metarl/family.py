@@ -161,7 +161,7 @@ def family_options(name: str) -> set[str]:
     return set(inspect.signature(_factory(name)).parameters)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _make_cached(key: str, options: tuple) -> TaskFamily:
     return _FAMILIES[key](**dict(options))
 

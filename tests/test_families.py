@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env as gym_check_env
+from noise_tape import SingleRandom, Tape, patch_batched
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import metarl
-from noise_tape import SingleRandom, Tape, patch_batched
 
 FAMILIES = metarl.family_names()
 
