@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
@@ -37,7 +38,8 @@ class VecTaskEnv(VectorEnv):
     (rollouts reset sub-envs themselves with `reset(options={"reset_mask": mask})`).
 
     Subclasses implement `_reset_envs(mask)`, `_step_envs(action) -> (reward, terminated)` and
-    `_observe()`; they draw randomness only through `_rand` / `_randn`.
+    `_observe()`; they draw randomness only through `_rand` / `_randn` (in `_reset_envs`, with `rows=mask`
+    so that only the sub-envs being reset draw).
     """
 
     metadata: dict[str, Any] = {"autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -166,11 +168,20 @@ class VecTaskEnv(VectorEnv):
         return mask
 
     # ------------------------------------------------------------------ randomness
-    def _rand(self, *shape: int) -> Tensor:
-        return torch.rand(shape, generator=self._gen, device=self.device, dtype=self.dtype)
+    def _rand(self, *shape: int, rows: Tensor | None = None) -> Tensor:
+        """Uniform [0, 1) of `shape` (leading dim N); with `rows` ([N] bool) only those sub-envs draw, the rest get 0."""
+        return self._draw(torch.rand, shape, rows)
 
-    def _randn(self, *shape: int) -> Tensor:
-        return torch.randn(shape, generator=self._gen, device=self.device, dtype=self.dtype)
+    def _randn(self, *shape: int, rows: Tensor | None = None) -> Tensor:
+        """Standard normal of `shape` (leading dim N); `rows` as in `_rand`."""
+        return self._draw(torch.randn, shape, rows)
+
+    def _draw(self, sampler: Callable[..., Tensor], shape: tuple[int, ...], rows: Tensor | None) -> Tensor:
+        if rows is None:
+            return sampler(shape, generator=self._gen, device=self.device, dtype=self.dtype)
+        out = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        out[rows] = sampler((int(rows.sum()), *shape[1:]), generator=self._gen, device=self.device, dtype=self.dtype)
+        return out
 
     # ------------------------------------------------------------------ subclass hooks
     def _reset_envs(self, mask: Tensor) -> None:

@@ -13,11 +13,14 @@ class Tape:
         rng = np.random.default_rng(seed)
         self.uniform = rng.random((n, length))
         self.normal = rng.standard_normal((n, length))
-        self.pos = {"uniform": np.zeros(n, dtype=int), "normal": np.zeros(n, dtype=int)}
+        # the batched env and the single envs each read the tape from the start, with their own cursors
+        self.pos = {(reader, kind): np.zeros(n, dtype=int) for reader in ("single", "batched")
+                    for kind in ("uniform", "normal")}
 
-    def take(self, kind: str, row: int, count: int) -> np.ndarray:
-        start = self.pos[kind][row]
-        self.pos[kind][row] += count
+    def take(self, kind: str, row: int, count: int, reader: str = "single") -> np.ndarray:
+        pos = self.pos[reader, kind]
+        start = pos[row]
+        pos[row] += count
         return getattr(self, kind)[row, start:start + count]
 
 
@@ -46,10 +49,13 @@ class SingleRandom:
 def patch_batched(env, tape: Tape) -> None:
     """Makes `env._rand` / `env._randn` read the tape (rows = sub-envs, in order)."""
 
-    def draw(kind: str, *shape: int) -> torch.Tensor:
+    def draw(kind: str, *shape: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         n, rest = shape[0], int(np.prod(shape[1:]))
-        rows = np.stack([tape.take(kind, i, rest) for i in range(n)]).reshape(shape)
-        return torch.as_tensor(rows, dtype=env.dtype, device=env.device)
+        active = range(n) if rows is None else rows.nonzero().flatten().tolist()
+        out = np.zeros((n, rest))
+        for i in active:  # only the sub-envs that draw advance their rows
+            out[i] = tape.take(kind, i, rest, "batched")
+        return torch.as_tensor(out.reshape(shape), dtype=env.dtype, device=env.device)
 
-    env._rand = lambda *shape: draw("uniform", *shape)
-    env._randn = lambda *shape: draw("normal", *shape)
+    env._rand = lambda *shape, rows=None: draw("uniform", *shape, rows=rows)
+    env._randn = lambda *shape, rows=None: draw("normal", *shape, rows=rows)
