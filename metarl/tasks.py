@@ -56,7 +56,11 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class Tasks:
-    """N tasks of one family: `params[name]` is a tensor `[N, *spec.shape]` (float32, one device)."""
+    """N tasks of one family: `params[name]` is a tensor `[N, *spec.shape]` (float64, one device).
+
+    Parameters are kept in double precision so that e.g. default physics constants are exact; envs cast them
+    to their own dtype.
+    """
 
     family: str
     params: Mapping[str, Tensor]
@@ -105,7 +109,7 @@ class Tasks:
         for i, t in enumerate(tasks):
             if set(t) != keys:
                 raise ValueError(f"task {i} has keys {sorted(t)}, task 0 has {sorted(keys)}")
-        params = {k: torch.as_tensor(np.array([t[k] for t in tasks], dtype=np.float64), dtype=torch.float32) for k in keys}
+        params = {k: torch.as_tensor(np.array([t[k] for t in tasks], dtype=np.float64), dtype=torch.float64) for k in keys}
         return Tasks(family, params).to(device)
 
     @staticmethod
@@ -141,7 +145,8 @@ def split_bucket(values: Tensor) -> Tensor:
     Train and test tasks come from disjoint sets of buckets, so a parameter vector can never be in
     both splits, whatever the seeds.
     """
-    bits = values.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # (M, D)
+    raw = values.to(torch.float64).contiguous().view(torch.int64)  # (M, D)
+    bits = (raw ^ (raw >> 32)) & 0xFFFFFFFF
     weights = torch.arange(values.shape[1], dtype=torch.int64) * 2654435761 % 1048573 + 1  # (D,)
     mixed = (bits * weights).sum(dim=1)
     mixed = (mixed ^ (mixed >> 17)) * 0x45D9F3B & 0x7FFFFFFFFFFF
@@ -165,7 +170,7 @@ def sample_params(specs: Sequence[ParamSpec], n: int, gen: torch.Generator, spli
     count = 0
     while count < n:
         batch = max(2 * (n - count), 16) if split != "test" else max(2 * _TEST_BUCKETS * (n - count), 16)
-        draw = {s.name: s.dist(split).sample((batch, *s.shape), gen).to(torch.float32) for s in specs}  # type: ignore[union-attr]
+        draw = {s.name: s.dist(split).sample((batch, *s.shape), gen) for s in specs}  # type: ignore[union-attr]
         if split == "ood":
             keep = torch.ones(batch, dtype=torch.bool)
         else:
