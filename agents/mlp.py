@@ -1,0 +1,96 @@
+"""The classic MAML policy: an MLP from the observation to a Gaussian mean (or logits), with the Transformer's interface.
+
+The action trunk reads only the observation: obs -> hidden layers -> mean. The value is a separate small network
+on the observation (linear by default, `MLPConfig.value_hidden`), so adapting the action trunk never changes it.
+``prev_action``, ``prev_reward`` and ``episode_start`` are checked and ignored. Sequence mode maps each step
+independently; step mode returns the given cache (an empty dict from `initial_cache`) unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, overload
+
+import torch
+from gymnasium import spaces
+from torch import Tensor, nn
+
+from .policy import PolicyHead, PolicyOutput, SpaceSpec, check_inputs
+
+Cache = dict[str, Tensor]
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """Sizes of `MLPPolicy`."""
+
+    hidden: tuple[int, ...] = (100, 100)
+    """Hidden layer widths of the action trunk (MAML paper: 2 x 100 ReLU)."""
+    activation: Literal["relu", "tanh"] = "relu"
+    """Nonlinearity after each hidden layer."""
+    init_log_std: float = 0.0
+    """Initial log standard deviation of the Gaussian policy (Box actions)."""
+    value_hidden: tuple[int, ...] = ()
+    """Hidden widths of the separate value network on the observation; () means a linear value."""
+
+    def __post_init__(self) -> None:
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+        if any(h < 1 for h in self.hidden + self.value_hidden):
+            raise ValueError(f"hidden widths must be >= 1, got hidden={self.hidden}, value_hidden={self.value_hidden}")
+
+
+def mlp(sizes: tuple[int, ...], activation: str) -> nn.Sequential:
+    """Linear layers between consecutive `sizes`, each followed by the activation."""
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), _ACTIVATIONS[activation]()]
+    return nn.Sequential(*layers)
+
+
+class MLPPolicy(nn.Module):
+    """Feed-forward policy with the Transformer's call signature (sequence mode ``[B, T, ..]``, step mode ``[B, ..]``)."""
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, config: MLPConfig | None = None):
+        super().__init__()
+        self.config = config or MLPConfig()
+        self.spec = SpaceSpec.from_spaces(observation_space, action_space)
+        cfg = self.config
+        self.trunk = mlp((self.spec.obs_dim,) + cfg.hidden, cfg.activation)
+        self.value_trunk = mlp((self.spec.obs_dim,) + cfg.value_hidden, cfg.activation)
+        dist_in = cfg.hidden[-1] if cfg.hidden else self.spec.obs_dim
+        value_in = cfg.value_hidden[-1] if cfg.value_hidden else self.spec.obs_dim
+        self.head = PolicyHead(self.spec, dist_in, value_in, cfg.init_log_std)
+
+    @property
+    def discrete(self) -> bool:
+        return self.spec.discrete
+
+    def initial_cache(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Cache:
+        """The MLP keeps no state: an empty dict."""
+        return {}
+
+    @overload
+    def forward(
+        self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor,
+        cache: None = None, isolate_episodes: bool = False,
+    ) -> PolicyOutput: ...
+
+    @overload
+    def forward(
+        self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor,
+        cache: Cache, isolate_episodes: bool = False,
+    ) -> tuple[PolicyOutput, Cache]: ...
+
+    def forward(
+        self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor,
+        cache: Cache | None = None, isolate_episodes: bool = False,
+    ) -> PolicyOutput | tuple[PolicyOutput, Cache]:
+        """Sequence mode when `cache` is None, else one step returning the cache unchanged."""
+        check_inputs(self.spec, obs, prev_action, prev_reward, episode_start, step=cache is not None)
+        x = obs.to(self.head.dist.weight.dtype)
+        out = self.head(self.trunk(x), self.value_trunk(x))
+        return out if cache is None else (out, cache)

@@ -1,0 +1,138 @@
+"""Pieces shared by the policies: spaces, the per-step input token, input checks, output heads.
+
+Inputs per step (the "token"), identical for every policy:
+
+- ``obs`` ``[.., D]`` float: the observation.
+- ``prev_action`` ``[.., A]`` float: the previous action as given by `encode_prev_action` (Box: the raw action;
+  Discrete(n): a one-hot vector of size n, so A = n); all zeros at the first step of a trial.
+- ``prev_reward`` ``[..]`` float: the previous reward; 0 at the first step of a trial.
+- ``episode_start`` ``[..]`` bool: True on the first step of each episode.
+
+Sequence mode takes ``[B, T, ...]`` (whole histories), step mode ``[B, ...]`` (one step with a cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from gymnasium import spaces
+from torch import Tensor, nn
+
+
+class PolicyOutput(NamedTuple):
+    """What a policy returns for each step.
+
+    ``dist`` is the Gaussian mean (Box) or the logits (Discrete), ``[.., A]``. ``log_std`` is the state-independent
+    log standard deviation ``[A]`` (Box) or an empty placeholder ``[0]`` (Discrete). ``value`` is the state value
+    ``[..]``.
+    """
+
+    dist: Tensor
+    log_std: Tensor
+    value: Tensor
+
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    """The sizes a policy reads from its spaces."""
+
+    obs_dim: int
+    """D: the length of an observation vector."""
+    action_dim: int
+    """A: the width of ``prev_action`` and of ``PolicyOutput.dist`` (Box: action length; Discrete: n)."""
+    discrete: bool
+    """True for a Discrete action space (categorical policy), False for a Box (diagonal Gaussian)."""
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the concatenated token [obs, prev_action, prev_reward, episode_start]."""
+        return self.obs_dim + self.action_dim + 2
+
+    @staticmethod
+    def from_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> SpaceSpec:
+        """Checks the spaces and reads their sizes; raises for a space a policy cannot handle."""
+        if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
+            raise TypeError(f"observation space must be a 1-D gymnasium.spaces.Box, got {observation_space}")
+        return SpaceSpec(observation_space.shape[0], action_input_dim(action_space), isinstance(action_space, spaces.Discrete))
+
+
+def action_input_dim(action_space: spaces.Space) -> int:
+    """A: the width of an encoded action (Box: its length; Discrete(n): n)."""
+    if isinstance(action_space, spaces.Discrete):
+        if int(action_space.start) != 0:
+            raise ValueError(f"Discrete action spaces must start at 0, got {action_space}")
+        return int(action_space.n)
+    if isinstance(action_space, spaces.Box) and len(action_space.shape) == 1 and action_space.shape[0] > 0:
+        return action_space.shape[0]
+    raise TypeError(f"action space must be a 1-D gymnasium.spaces.Box or a Discrete, got {action_space}")
+
+
+def encode_prev_action(action: Tensor, action_space: spaces.Space, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Turns actions into the ``prev_action`` input.
+
+    Box ``[.., A]`` -> float ``[.., A]``; Discrete int ``[..]`` -> one-hot ``[.., n]``.
+    """
+    size = action_input_dim(action_space)
+    if isinstance(action_space, spaces.Discrete):
+        classes = torch.arange(size, device=action.device)  # (n,)
+        return (action.long().unsqueeze(-1) == classes).to(dtype)  # (.., n)
+    return action.to(dtype)
+
+
+def make_token(obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor, dtype: torch.dtype) -> Tensor:
+    """Concatenates one step's inputs: ``[.., D + A + 2]`` in `dtype`."""
+    parts = [obs, prev_action, prev_reward.unsqueeze(-1), episode_start.unsqueeze(-1)]
+    return torch.cat([p.to(dtype) for p in parts], dim=-1)
+
+
+def check_inputs(
+    spec: SpaceSpec, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor, step: bool
+) -> None:
+    """Raises early, naming the bad shape or dtype and what was expected (step mode: ``[B, ..]``; sequence: ``[B, T, ..]``)."""
+    lead_names = "[B]" if step else "[B, T]"
+    n_lead = 1 if step else 2
+    if obs.dim() != n_lead + 1 or obs.shape[-1] != spec.obs_dim:
+        raise ValueError(
+            f"obs has shape {tuple(obs.shape)}, expected {lead_names[:-1]}, {spec.obs_dim}] "
+            f"({'step' if step else 'sequence'} mode)"
+        )
+    lead = tuple(obs.shape[:-1])
+    _check(prev_action, lead + (spec.action_dim,), "prev_action")
+    _check(prev_reward, lead, "prev_reward")
+    _check(episode_start, lead, "episode_start")
+    if not obs.is_floating_point() or not prev_action.is_floating_point() or not prev_reward.is_floating_point():
+        raise TypeError(
+            f"obs, prev_action, prev_reward must be floating point, got {obs.dtype}, {prev_action.dtype}, {prev_reward.dtype}"
+        )
+    if episode_start.dtype != torch.bool:
+        raise TypeError(f"episode_start must be torch.bool, got {episode_start.dtype}")
+
+
+def _check(x: Tensor, expected: tuple[int, ...], name: str) -> None:
+    if tuple(x.shape) != expected:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {expected}")
+
+
+class PolicyHead(nn.Module):
+    """Linear action head, linear value head and the state-independent ``log_std`` (a buffer ``[0]`` for Discrete)."""
+
+    log_std: Tensor
+
+    def __init__(self, spec: SpaceSpec, dist_in: int, value_in: int, init_log_std: float):
+        super().__init__()
+        self.dist = nn.Linear(dist_in, spec.action_dim)
+        self.value = nn.Linear(value_in, 1)
+        if spec.discrete:
+            self.register_buffer("log_std", torch.zeros(0))
+        else:
+            self.log_std = nn.Parameter(torch.full((spec.action_dim,), float(init_log_std)))
+        nn.init.normal_(self.dist.weight, std=0.01)
+        nn.init.zeros_(self.dist.bias)
+        nn.init.normal_(self.value.weight, std=1.0 / value_in**0.5)
+        nn.init.zeros_(self.value.bias)
+
+    def forward(self, dist_features: Tensor, value_features: Tensor) -> PolicyOutput:
+        """``[.., dist_in]``, ``[.., value_in]`` -> PolicyOutput with ``dist [.., A]``, ``value [..]``."""
+        return PolicyOutput(self.dist(dist_features), self.log_std, self.value(value_features).squeeze(-1))

@@ -1,0 +1,236 @@
+"""TransformerPolicy: sequence mode == cached step mode, causality and windows, per-task vmap, second-order MAML."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from metarl.agents.distributions import log_prob
+from metarl.agents.policy import PolicyOutput, encode_prev_action
+from metarl.agents.transformer import TransformerConfig, TransformerPolicy, attend
+from torch.func import functional_call, grad, vmap
+
+OBS = spaces.Box(-np.inf, np.inf, shape=(3,), dtype=np.float32)
+ACTION_SPACES = {"box": spaces.Box(-1, 1, shape=(2,), dtype=np.float32), "discrete": spaces.Discrete(4)}
+SMALL = dict(n_layers=2, d_model=16, n_heads=2, context=5)
+
+
+def make_policy(action: str = "box", dtype: torch.dtype = torch.float32, **overrides) -> TransformerPolicy:
+    """A small policy with O(1) random weights, so mismatches are not hidden by tiny outputs."""
+    policy = TransformerPolicy(OBS, ACTION_SPACES[action], TransformerConfig(**{**SMALL, **overrides})).to(dtype)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.normal_(0.0, 0.3)
+    return policy
+
+
+def make_inputs(policy: TransformerPolicy, B: int, T: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """obs [B, T, 3], prev_action [B, T, A], prev_reward [B, T], episode_start [B, T] with boundaries inside."""
+    space = ACTION_SPACES["discrete" if policy.discrete else "box"]
+    actions = torch.randint(0, 4, (B, T)) if policy.discrete else torch.randn(B, T, 2)
+    prev_action = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], dim=1)
+    episode_start = torch.zeros(B, T, dtype=torch.bool)
+    episode_start[:, 0] = True
+    episode_start[:, T // 3] = True
+    episode_start[0, T // 2] = True
+    return (torch.randn(B, T, 3, dtype=dtype), encode_prev_action(prev_action, space, dtype), torch.randn(B, T, dtype=dtype),
+            episode_start)
+
+
+def run_steps(policy: TransformerPolicy, inputs: tuple[torch.Tensor, ...], isolate: bool) -> PolicyOutput:
+    """Loops step mode over T; stacks the outputs to [B, T, ..]."""
+    cache = policy.initial_cache(inputs[0].shape[0])
+    outs = []
+    for t in range(inputs[0].shape[1]):
+        out, cache = policy(*(x[:, t] for x in inputs), cache=cache, isolate_episodes=isolate)
+        outs.append(out)
+    return PolicyOutput(torch.stack([o.dist for o in outs], 1), outs[0].log_std, torch.stack([o.value for o in outs], 1))
+
+
+def assert_outputs_close(a: PolicyOutput, b: PolicyOutput, atol: float = 1e-5) -> None:
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("action", ["box", "discrete"])
+@pytest.mark.parametrize("T", [4, 13], ids=["shorter_than_context", "longer_than_context"])
+@pytest.mark.parametrize("isolate", [False, True])
+@pytest.mark.parametrize("attention", ["math", "sdpa"])
+def test_sequence_equals_step(action, T, isolate, attention):
+    policy = make_policy(action, attention=attention)
+    inputs = make_inputs(policy, 3, T)
+    with torch.no_grad():
+        seq = policy(*inputs, isolate_episodes=isolate)
+        assert seq.dist.shape == (3, T, policy.spec.action_dim) and seq.value.shape == (3, T)
+        assert seq.dist.abs().max() > 0.1
+        assert_outputs_close(seq, run_steps(policy, inputs, isolate))
+
+
+@pytest.mark.parametrize("action", ["box", "discrete"])
+def test_attention_settings_agree(action):
+    math_policy = make_policy(action, attention="math")
+    sdpa_policy = make_policy(action, attention="sdpa")
+    sdpa_policy.load_state_dict(math_policy.state_dict())
+    inputs = make_inputs(math_policy, 2, 9)
+    with torch.no_grad():
+        for isolate in (False, True):
+            assert_outputs_close(math_policy(*inputs, isolate_episodes=isolate), sdpa_policy(*inputs, isolate_episodes=isolate))
+
+
+def test_cache_is_not_modified():
+    policy = make_policy()
+    inputs = make_inputs(policy, 2, 1)
+    cache = policy.initial_cache(2)
+    before = {k: v.clone() for k, v in cache.items()}
+    _, new_cache = policy(*(x[:, 0] for x in inputs), cache=cache)
+    for k in cache:
+        assert torch.equal(cache[k], before[k]), k
+    assert new_cache["step"].tolist() == [1, 1] and new_cache["valid"][:, 0].all()
+
+
+def perturb_step(inputs: tuple[torch.Tensor, ...], t: int) -> tuple[torch.Tensor, ...]:
+    obs, prev_action, prev_reward, episode_start = (x.clone() for x in inputs)
+    obs[:, t] += 1.0
+    prev_reward[:, t] -= 2.0
+    return obs, prev_action, prev_reward, episode_start
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_causal(isolate):
+    policy = make_policy(context=50)
+    inputs = make_inputs(policy, 2, 12)
+    t = 6
+    with torch.no_grad():
+        base = policy(*inputs, isolate_episodes=isolate)
+        changed = policy(*perturb_step(inputs, t), isolate_episodes=isolate)
+    torch.testing.assert_close(changed.dist[:, :t], base.dist[:, :t], atol=0, rtol=0)
+    torch.testing.assert_close(changed.value[:, :t], base.value[:, :t], atol=0, rtol=0)
+    assert (changed.dist[:, t] - base.dist[:, t]).abs().max() > 1e-3
+
+
+def test_sliding_window_and_episode_isolation():
+    """One layer: step i sees only steps (i - context, i]; isolated, only steps of its own episode."""
+    policy = make_policy(n_layers=1, context=4)
+    inputs = make_inputs(policy, 2, 10)  # episodes start at 0 and 3 (row 0 also at 5)
+    with torch.no_grad():
+        base = policy(*inputs)
+        changed = policy(*perturb_step(inputs, 1))
+        assert (changed.dist[:, 4] - base.dist[:, 4]).abs().max() > 1e-3  # 4 - 1 < context
+        torch.testing.assert_close(changed.dist[:, 5:], base.dist[:, 5:], atol=0, rtol=0)
+        iso_base = policy(*inputs, isolate_episodes=True)
+        iso_changed = policy(*perturb_step(inputs, 1), isolate_episodes=True)
+        torch.testing.assert_close(iso_changed.dist[:, 3:], iso_base.dist[:, 3:], atol=0, rtol=0)
+
+
+def test_fully_masked_rows_are_finite():
+    q = torch.randn(2, 2, 3, 4)
+    for impl in ("math", "sdpa"):
+        y = attend(q, q, q, torch.zeros(1, 1, 3, 3, dtype=torch.bool), impl)
+        assert torch.isfinite(y).all(), impl
+
+
+def stacked_params(policy: TransformerPolicy, n: int) -> dict[str, torch.Tensor]:
+    """n perturbed copies of the parameters, stacked on a leading dim."""
+    return {k: torch.stack([v.detach() + 0.1 * i * torch.randn_like(v) for i in range(n)]) for k, v in policy.named_parameters()}
+
+
+@pytest.mark.parametrize("action", ["box", "discrete"])
+def test_vmap_over_task_parameters(action):
+    policy = make_policy(action)
+    N, B, T = 3, 2, 8
+    params = stacked_params(policy, N)
+    inputs = [torch.stack(xs) for xs in zip(*(make_inputs(policy, B, T) for _ in range(N)))]  # each [N, B, T, ..]
+
+    kwargs = {"isolate_episodes": True}
+    with torch.no_grad():
+        refs = [functional_call(policy, {k: v[i] for k, v in params.items()}, tuple(x[i] for x in inputs), kwargs)
+                for i in range(N)]
+        seq = vmap(lambda p, *x: functional_call(policy, p, x, kwargs))(params, *inputs)
+        for i in range(N):
+            assert_outputs_close(PolicyOutput(*(f[i] for f in seq)), refs[i])
+
+        step_fn = vmap(lambda p, c, *x: functional_call(policy, p, x, {"cache": c, **kwargs}))
+        cache = {k: torch.stack([v] * N) for k, v in policy.initial_cache(B).items()}
+        for t in range(T):
+            out, cache = step_fn(params, cache, *(x[:, :, t] for x in inputs))
+            assert cache["step"].shape == (N, B)
+            for i in range(N):
+                assert_outputs_close(PolicyOutput(out.dist[i], out.log_std[i], out.value[i]),
+                                     PolicyOutput(refs[i].dist[:, t], refs[i].log_std, refs[i].value[:, t]))
+
+
+def maml_losses(policy: TransformerPolicy, action: str, alpha: float):
+    """A policy-gradient + value inner loss and the MAML meta-loss L(theta - alpha * grad L_support(theta); query)."""
+    discrete = action == "discrete"
+    support, query = (make_inputs(policy, 2, 7, torch.float64) for _ in range(2))
+    act_s, act_q = ((torch.randint(0, 4, (2, 7)) if discrete else torch.randn(2, 7, 2, dtype=torch.float64)) for _ in range(2))
+    adv_s, adv_q = torch.randn(2, 7, dtype=torch.float64), torch.randn(2, 7, dtype=torch.float64)
+
+    def loss(params, inputs, actions, adv):
+        out = functional_call(policy, params, inputs, {"isolate_episodes": False})
+        return -(log_prob(out, actions, discrete) * adv).mean() + 0.5 * (out.value - adv).square().mean()
+
+    def meta_loss(params):
+        g = grad(loss)(params, support, act_s, adv_s)
+        return loss({k: params[k] - alpha * g[k] for k in params}, query, act_q, adv_q)
+
+    def meta_grad_autograd(params):
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        inner = loss(leaves, support, act_s, adv_s)
+        gs = torch.autograd.grad(inner, list(leaves.values()), create_graph=True)
+        adapted = {k: leaves[k] - alpha * g for k, g in zip(leaves, gs)}
+        outer = loss(adapted, query, act_q, adv_q)
+        return dict(zip(leaves, torch.autograd.grad(outer, list(leaves.values()))))
+
+    def first_order_grad(params):
+        g = grad(loss)(params, support, act_s, adv_s)
+        return grad(loss)({k: params[k] - alpha * g[k] for k in params}, query, act_q, adv_q)
+
+    return meta_loss, meta_grad_autograd, first_order_grad
+
+
+@pytest.mark.parametrize("action", ["box", "discrete"])
+def test_second_order_maml(action):
+    policy = make_policy(action, torch.float64, n_layers=1, d_model=8, n_heads=2, context=4, attention="math")
+    params = {k: v.detach() for k, v in policy.named_parameters()}
+    meta_loss, meta_grad_autograd, first_order_grad = maml_losses(policy, action, alpha=0.5)
+
+    g_func = grad(meta_loss)(params)
+    g_auto = meta_grad_autograd(params)
+    for k in params:
+        torch.testing.assert_close(g_func[k], g_auto[k], atol=1e-5, rtol=0)
+
+    direction = {k: torch.randn_like(v) for k, v in params.items()}
+    eps = 1e-5
+    plus = meta_loss({k: v + eps * direction[k] for k, v in params.items()})
+    minus = meta_loss({k: v - eps * direction[k] for k, v in params.items()})
+    finite_diff = (plus - minus) / (2 * eps)
+    analytic = sum((g_func[k] * direction[k]).sum() for k in params)
+    first_order = sum((g * direction[k]).sum() for k, g in first_order_grad(params).items())
+    assert abs(finite_diff - analytic) < 1e-6 * max(1.0, abs(analytic))
+    assert abs(first_order - analytic) > 1e-3  # the test would notice a detached second-order term
+
+
+def test_wrong_obs_shape_is_named():
+    policy = make_policy()
+    obs, prev_action, prev_reward, episode_start = make_inputs(policy, 2, 5)
+    with pytest.raises(ValueError, match=r"obs has shape \(2, 5, 4\), expected \[B, T, 3\]"):
+        policy(torch.zeros(2, 5, 4), prev_action, prev_reward, episode_start)
+    with pytest.raises(ValueError, match=r"obs has shape \(2, 5, 3\), expected \[B, 3\] \(step mode\)"):
+        policy(obs, prev_action, prev_reward, episode_start, cache=policy.initial_cache(2))
+    with pytest.raises(ValueError, match=r"prev_action has shape \(2, 5, 3\), expected \(2, 5, 2\)"):
+        policy(obs, torch.zeros(2, 5, 3), prev_reward, episode_start)
+    with pytest.raises(TypeError, match="episode_start must be torch.bool"):
+        policy(obs, prev_action, prev_reward, episode_start.float())
+
+
+def test_bad_config_and_spaces():
+    with pytest.raises(ValueError, match="d_model=30.*n_heads=4"):
+        TransformerConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="'flash'"):
+        TransformerConfig(attention="flash")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="MultiDiscrete"):
+        TransformerPolicy(OBS, spaces.MultiDiscrete([2, 3]))
+    with pytest.raises(TypeError, match="observation space.*Box\\(0.0, 1.0, \\(2, 2\\)"):
+        TransformerPolicy(spaces.Box(0, 1, (2, 2)), ACTION_SPACES["box"])
