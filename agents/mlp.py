@@ -2,8 +2,9 @@
 
 The action trunk reads only the observation: obs -> hidden layers -> mean. The value is a separate small network
 on the observation (linear by default, `MLPConfig.value_hidden`), so adapting the action trunk never changes it.
-``prev_action``, ``prev_reward`` and ``episode_start`` are checked and ignored. Sequence mode maps each step
-independently; step mode returns the given cache (an empty dict from `initial_cache`) unchanged.
+``prev_action``, ``prev_reward`` and ``episode_start`` are checked and ignored, and so are the padding masks
+(``valid``, ``step_mask``) and ``inplace``. Sequence mode maps each step independently; step mode returns the given
+cache (an empty dict from `initial_cache`) unchanged.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from gymnasium import spaces
 from torch import Tensor, nn
 
-from .policy import PolicyHead, PolicyOutput, SpaceSpec, check_inputs
+from .policy import HistoryPolicy, PolicyHead, PolicyOutput, check_inputs, check_mask, check_mode_kwargs
 
 Cache = dict[str, Tensor]
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -49,23 +50,18 @@ def mlp(sizes: tuple[int, ...], activation: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class MLPPolicy(nn.Module):
+class MLPPolicy(HistoryPolicy):
     """Feed-forward policy with the Transformer's call signature (sequence mode ``[B, T, ..]``, step mode ``[B, ..]``)."""
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, config: MLPConfig | None = None):
-        super().__init__()
+        super().__init__(observation_space, action_space)
         self.config = config or MLPConfig()
-        self.spec = SpaceSpec.from_spaces(observation_space, action_space)
         cfg = self.config
         self.trunk = mlp((self.spec.obs_dim,) + cfg.hidden, cfg.activation)
         self.value_trunk = mlp((self.spec.obs_dim,) + cfg.value_hidden, cfg.activation)
         dist_in = cfg.hidden[-1] if cfg.hidden else self.spec.obs_dim
         value_in = cfg.value_hidden[-1] if cfg.value_hidden else self.spec.obs_dim
         self.head = PolicyHead(self.spec, dist_in, value_in, cfg.init_log_std)
-
-    @property
-    def discrete(self) -> bool:
-        return self.spec.discrete
 
     def initial_cache(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -76,21 +72,25 @@ class MLPPolicy(nn.Module):
     @overload
     def forward(
         self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor,
-        cache: None = None, isolate_episodes: bool = False,
+        cache: None = None, isolate_episodes: bool = False, *, valid: Tensor | None = None,
     ) -> PolicyOutput: ...
 
     @overload
     def forward(
         self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor,
-        cache: Cache, isolate_episodes: bool = False,
+        cache: Cache, isolate_episodes: bool = False, *, step_mask: Tensor | None = None, inplace: bool = False,
     ) -> tuple[PolicyOutput, Cache]: ...
 
     def forward(
         self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor,
-        cache: Cache | None = None, isolate_episodes: bool = False,
+        cache: Cache | None = None, isolate_episodes: bool = False, *, valid: Tensor | None = None,
+        step_mask: Tensor | None = None, inplace: bool = False,
     ) -> PolicyOutput | tuple[PolicyOutput, Cache]:
-        """Sequence mode when `cache` is None, else one step returning the cache unchanged."""
-        check_inputs(self.spec, obs, prev_action, prev_reward, episode_start, step=cache is not None)
+        """Sequence mode when `cache` is None, else one step returning the same cache dict, unchanged."""
+        step = cache is not None
+        check_inputs(self.spec, obs, prev_action, prev_reward, episode_start, step=step)
+        check_mode_kwargs(step, valid, step_mask, inplace)
+        check_mask(step_mask if step else valid, tuple(episode_start.shape), "step_mask" if step else "valid")
         x = obs.to(self.head.dist.weight.dtype)
         out = self.head(self.trunk(x), self.value_trunk(x))
         return out if cache is None else (out, cache)

@@ -8,7 +8,12 @@ Inputs per step (the "token"), identical for every policy:
 - ``prev_reward`` ``[..]`` float: the previous reward; 0 at the first step of a trial.
 - ``episode_start`` ``[..]`` bool: True on the first step of each episode.
 
-Sequence mode takes ``[B, T, ...]`` (whole histories), step mode ``[B, ...]`` (one step with a cache).
+Sequence mode takes ``[B, T, ...]`` (whole histories) and an optional ``valid [B, T]`` bool mask (False marks
+padding: steps after an episode ended early); step mode takes ``[B, ...]`` (one step with a cache) and an optional
+``step_mask [B]`` bool (False: the row's step is padding and leaves the cache as it was).
+
+`HistoryPolicy` is the base of both policies: it holds the spaces and the action-distribution methods a rollout
+engine calls without importing this package.
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ import torch
 from gymnasium import spaces
 from torch import Tensor, nn
 
+from . import distributions as D
+
 
 class PolicyOutput(NamedTuple):
     """What a policy returns for each step.
 
     ``dist`` is the Gaussian mean (Box) or the logits (Discrete), ``[.., A]``. ``log_std`` is the state-independent
-    log standard deviation ``[A]`` (Box) or an empty placeholder ``[0]`` (Discrete). ``value`` is the state value
-    ``[..]``.
+    log standard deviation expanded to the shape of ``dist`` (Box; a broadcast view of one ``[A]`` parameter) or an
+    empty placeholder ``[.., 0]`` (Discrete). ``value`` is the state value ``[..]``. All three share the leading
+    dims ``[..]``, so outputs can be reshaped, stacked or indexed field by field.
     """
 
     dist: Tensor
@@ -110,6 +118,23 @@ def check_inputs(
         raise TypeError(f"episode_start must be torch.bool, got {episode_start.dtype}")
 
 
+def check_mask(mask: Tensor | None, lead: tuple[int, ...], name: str) -> None:
+    """Raises unless `mask` is None or a bool tensor of shape `lead` (``[B, T]`` for ``valid``, ``[B]`` for ``step_mask``)."""
+    if mask is None:
+        return
+    _check(mask, lead, name)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be torch.bool, got {mask.dtype}")
+
+
+def check_mode_kwargs(step: bool, valid: Tensor | None, step_mask: Tensor | None, inplace: bool) -> None:
+    """Raises for an option of the other mode: ``valid`` is for sequence mode, ``step_mask`` and ``inplace`` for step mode."""
+    if step and valid is not None:
+        raise ValueError("valid is a sequence-mode mask ([B, T]); in step mode pass step_mask ([B])")
+    if not step and (step_mask is not None or inplace):
+        raise ValueError("step_mask and inplace need step mode (a cache); in sequence mode pass valid ([B, T])")
+
+
 def _check(x: Tensor, expected: tuple[int, ...], name: str) -> None:
     if tuple(x.shape) != expected:
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {expected}")
@@ -134,5 +159,61 @@ class PolicyHead(nn.Module):
         nn.init.zeros_(self.value.bias)
 
     def forward(self, dist_features: Tensor, value_features: Tensor) -> PolicyOutput:
-        """``[.., dist_in]``, ``[.., value_in]`` -> PolicyOutput with ``dist [.., A]``, ``value [..]``."""
-        return PolicyOutput(self.dist(dist_features), self.log_std, self.value(value_features).squeeze(-1))
+        """``[.., dist_in]``, ``[.., value_in]`` -> ``dist [.., A]``, ``log_std [.., A]``, ``value [..]``."""
+        dist = self.dist(dist_features)  # (.., A)
+        log_std = self.log_std.expand(*dist.shape[:-1], self.log_std.shape[-1])  # (.., A) or (.., 0)
+        return PolicyOutput(dist, log_std, self.value(value_features).squeeze(-1))
+
+
+class HistoryPolicy(nn.Module):
+    """Base of the policies: the spaces, their sizes and the action distribution (delegating to `distributions`).
+
+    `encode_prev_action`, `action_noise`, `sample_action`, `mode_action` and `log_prob` are what a rollout engine
+    needs besides ``forward`` and ``initial_cache``; `entropy` and `kl` serve the learners.
+    """
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Space):
+        super().__init__()
+        self.spec = SpaceSpec.from_spaces(observation_space, action_space)
+        self.observation_space = observation_space
+        self.action_space = action_space
+
+    @property
+    def discrete(self) -> bool:
+        """True for a Discrete action space (categorical policy)."""
+        return self.spec.discrete
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the parameters."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def encode_prev_action(self, action: Tensor) -> Tensor:
+        """Actions -> ``prev_action`` in the parameters' dtype (Box ``[.., A]``; Discrete ``[..]`` -> one-hot ``[.., n]``)."""
+        return encode_prev_action(action, self.action_space, self.dtype)
+
+    def action_noise(
+        self, batch_size: int, generator: torch.Generator | None, device: torch.device | str | None = None
+    ) -> Tensor:
+        """Noise for `sample_action` at ``batch_size`` rows, ``[batch_size, A]``, drawn from `generator`."""
+        return D.make_noise((batch_size, self.spec.action_dim), self.discrete, generator, device, self.dtype)
+
+    def sample_action(self, out: PolicyOutput, noise: Tensor) -> Tensor:
+        """An action per row from `noise` (see `action_noise`): Box ``[.., A]``, Discrete int64 ``[..]``."""
+        return D.sample(out, noise)
+
+    def mode_action(self, out: PolicyOutput) -> Tensor:
+        """The deterministic action: the mean (Box ``[.., A]``) or the most likely index (Discrete ``[..]``)."""
+        return D.mode(out)
+
+    def log_prob(self, out: PolicyOutput, action: Tensor) -> Tensor:
+        """Log-probability of `action` per step, ``[..]``."""
+        return D.log_prob(out, action, self.discrete)
+
+    def entropy(self, out: PolicyOutput) -> Tensor:
+        """Entropy per step, ``[..]``."""
+        return D.entropy(out, self.discrete)
+
+    def kl(self, old_out: PolicyOutput, new_out: PolicyOutput) -> Tensor:
+        """KL(old || new) per step, ``[..]``."""
+        return D.kl(old_out, new_out, self.discrete)

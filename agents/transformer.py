@@ -2,19 +2,23 @@
 
 Each step's token (observation, previous action, previous reward, episode-start flag) is embedded linearly and
 passed through pre-LayerNorm blocks; the last hidden state feeds the action and value heads. Positions enter only
-through rotary embeddings (RoPE) on queries and keys, at the absolute step index within the trial, so attention
-depends on relative positions and the ring-buffer cache of step mode gives exactly the sliding window of
-sequence mode.
+through rotary embeddings (RoPE) on queries and keys, at the step's index within the trial counting valid steps
+only, so attention depends on relative positions and the ring-buffer cache of step mode gives exactly the sliding
+window of sequence mode. Padding (``valid`` False in sequence mode, ``step_mask`` False in step mode) is skipped:
+it is never attended to, takes no position and does not count toward the window.
 
 Second-order MAML needs ``attention="math"``: PyTorch's fused ``scaled_dot_product_attention`` kernels have no
-double backward (pytorch#116350). ``"sdpa"`` is for rollouts and first-order training. On CPU, ``"sdpa"`` under
-``torch.func.vmap`` falls back to a slow per-sample loop; use ``"math"`` for per-task parameters there.
+double backward (pytorch#116350). ``"sdpa"`` is for first-order training. On CPU, ``"sdpa"`` under
+``torch.func.vmap`` falls back to a slow per-sample loop; use ``"math"`` for per-task parameters there. Step mode
+(one query) always uses an explicit matrix-vector form over the cached keys, whatever ``attention`` says.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, overload
 
 import torch
@@ -22,9 +26,11 @@ import torch.nn.functional as F
 from gymnasium import spaces
 from torch import Tensor, nn
 
-from .policy import PolicyHead, PolicyOutput, SpaceSpec, check_inputs, make_token
+from .policy import HistoryPolicy, PolicyHead, PolicyOutput, check_inputs, check_mask, check_mode_kwargs, make_token
 
 Cache = dict[str, Tensor]
+Store = Callable[[Tensor, Tensor], Tensor]
+"""Writes one step's keys or values ``(B, nh, hs)`` into a ``(B, nh, C, hs)`` ring buffer; returns the buffer."""
 
 
 @dataclass(frozen=True)
@@ -97,17 +103,63 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, impl: str) -> Tenso
     return torch.softmax(scores, dim=-1) @ v  # (B, nh, Tq, hs)
 
 
-def sequence_mask(episode_start: Tensor, context: int, isolate_episodes: bool) -> Tensor:
+def step_bias(allowed: Tensor, n_heads: int, dtype: torch.dtype) -> Tensor:
+    """Additive attention bias of step mode: allowed ``(B, C)`` bool -> ``(B * nh, 1, C)``, 0 where allowed, else
+    half the dtype's lowest value (finite after adding any score)."""
+    bias = (~allowed).to(dtype) * (torch.finfo(dtype).min / 2)  # (B, C)
+    return bias.unsqueeze(1).expand(-1, n_heads, -1).reshape(-1, 1, allowed.shape[-1])
+
+
+def attend_one(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor) -> Tensor:
+    """One query per row over the cache: q ``(B, nh, hs)``, caches ``(B, nh, C, hs)``, bias ``(B * nh, 1, C)`` from
+    `step_bias` -> ``(B, nh, hs)``. A fully masked row gives uniform weights, never NaN."""
+    B, nh, C, hs = k_cache.shape
+    q = q.reshape(B * nh, 1, hs) * (1.0 / math.sqrt(hs))
+    scores = torch.baddbmm(bias, q, k_cache.reshape(B * nh, C, hs).transpose(1, 2))  # (B * nh, 1, C)
+    y = torch.bmm(torch.softmax(scores, dim=-1), v_cache.reshape(B * nh, C, hs))  # (B * nh, 1, hs)
+    return y.view(B, nh, hs)
+
+
+def ring_slots(slot: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices of ring slot ``slot (B,)`` in a ``(B, nh, C, hs)`` buffer, for advanced indexing: they pick ``(B, nh, hs)``."""
+    rows = torch.arange(slot.shape[0], device=slot.device).unsqueeze(-1)  # (B, 1)
+    heads = torch.arange(n_heads, device=slot.device)  # (nh,)
+    return rows, heads, slot.unsqueeze(-1)
+
+
+def ring_write(buffer: Tensor, value: Tensor, at: tuple[Tensor, Tensor, Tensor], write: Tensor, inplace: bool) -> Tensor:
+    """Stores ``value (B, nh, hs)`` at the ring slots `at` (from `ring_slots`) of ``buffer (B, nh, C, hs)`` in the rows
+    where ``write (B,)``; other rows keep their slot. With `inplace` the buffer itself is updated and returned
+    (``index_put_``, which has a batching rule under ``torch.func.vmap``)."""
+    value = torch.where(write.view(-1, 1, 1), value, buffer[at])  # (B, nh, hs)
+    return buffer.index_put_(at, value) if inplace else buffer.index_put(at, value)
+
+
+def step_positions(episode_start: Tensor, valid: Tensor | None) -> Tensor:
+    """Each step's position in the trial counting valid steps only, ``(1 or B, T)`` int64.
+
+    A padding step gets the position of the last valid step before it (-1 before any).
+    """
+    if valid is None:
+        return torch.arange(episode_start.shape[-1], device=episode_start.device).unsqueeze(0)  # (1, T)
+    return torch.cumsum(valid.long(), dim=-1) - 1  # (B, T)
+
+
+def sequence_mask(episode_start: Tensor, context: int, isolate_episodes: bool, valid: Tensor | None = None) -> Tensor:
     """Which steps each step attends to, ``(B or 1, 1, T, T)`` bool.
 
-    Step i attends to steps (i - context, i]; with `isolate_episodes`, only to those of its own episode.
+    Step i attends to the valid steps j with position in (pos_i - context, pos_i], positions counting valid steps
+    only (see `step_positions`); with `isolate_episodes`, only to those of its own episode. Episodes begin at the
+    valid steps whose ``episode_start`` is True.
     """
-    T = episode_start.shape[-1]
-    i = torch.arange(T, device=episode_start.device)
-    gap = i.unsqueeze(1) - i.unsqueeze(0)  # (T, T): query i minus key j
-    allowed = ((gap >= 0) & (gap < context)).unsqueeze(0)  # (1, T, T)
+    pos = step_positions(episode_start, valid)  # (1 or B, T)
+    gap = pos.unsqueeze(2) - pos.unsqueeze(1)  # (1 or B, T, T): query i minus key j
+    allowed = (gap >= 0) & (gap < context)
+    if valid is not None:
+        allowed = allowed & valid.unsqueeze(1)
     if isolate_episodes:
-        segment = torch.cumsum(episode_start.long(), dim=-1)  # (B, T)
+        starts = episode_start if valid is None else episode_start & valid
+        segment = torch.cumsum(starts.long(), dim=-1)  # (B, T)
         allowed = allowed & (segment.unsqueeze(2) == segment.unsqueeze(1))  # (B, T, T)
     return allowed.unsqueeze(1)
 
@@ -131,21 +183,20 @@ class SelfAttention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor) -> Tensor:
-        """x ``(B, T, d)``, cos/sin ``(T, hs/2)``, allowed ``(B or 1, 1, T, T)`` -> ``(B, T, d)``."""
+        """x ``(B, T, d)``, cos/sin ``(T or B, T, hs/2)``, allowed ``(B or 1, 1, T, T)`` -> ``(B, T, d)``."""
         q, k, v = (t.transpose(1, 2) for t in self._heads(x, cos, sin))  # (B, nh, T, hs)
         y = attend(q, k, v, allowed, self.impl)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(x.shape))
 
     def step(
-        self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot: Tensor, valid: Tensor
+        self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, store: Store, bias: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One step: x ``(B, d)``, cos/sin ``(B, hs/2)``, caches ``(B, nh, C, hs)``, slot ``(B,)`` int64 (ring index
-        to write), valid ``(B, C)`` bool (after the write). Returns y ``(B, d)`` and the new k, v caches."""
+        """One step: x ``(B, d)``, cos/sin ``(B, hs/2)``, caches ``(B, nh, C, hs)``, `store` writes this step's key
+        and value into a cache, bias ``(B * nh, 1, C)`` (`step_bias` of the slots to attend to after the write).
+        Returns y ``(B, d)`` and the written k, v caches."""
         q, k, v = self._heads(x, cos, sin)  # (B, nh, hs)
-        index = slot.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[2])  # (B, nh, 1, hs)
-        k_cache = torch.scatter(k_cache, 2, index, k.unsqueeze(2))  # (B, nh, C, hs)
-        v_cache = torch.scatter(v_cache, 2, index, v.unsqueeze(2))
-        y = attend(q.unsqueeze(2), k_cache, v_cache, valid[:, None, None, :], self.impl)  # (B, nh, 1, hs)
+        k_cache, v_cache = store(k_cache, k), store(v_cache, v)  # (B, nh, C, hs)
+        y = attend_one(q, k_cache, v_cache, bias)  # (B, nh, hs)
         return self.proj(y.reshape(x.shape)), k_cache, v_cache
 
 
@@ -167,25 +218,31 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
     def step(
-        self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot: Tensor, valid: Tensor
+        self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, store: Store, bias: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Step mode: x ``(B, d)`` -> ``(B, d)`` and this block's new k, v caches."""
-        y, k_cache, v_cache = self.attn.step(self.ln_1(x), cos, sin, k_cache, v_cache, slot, valid)
+        """Step mode: x ``(B, d)`` -> ``(B, d)`` and this block's written k, v caches."""
+        y, k_cache, v_cache = self.attn.step(self.ln_1(x), cos, sin, k_cache, v_cache, store, bias)
         x = x + y
         return x + self.mlp(self.ln_2(x)), k_cache, v_cache
 
 
-class TransformerPolicy(nn.Module):
+class TransformerPolicy(HistoryPolicy):
     """Causal Transformer policy; ``forward`` runs sequence mode (``cache=None``) or one cached step.
 
     Sequence mode: ``obs [B, T, D]``, ``prev_action [B, T, A]``, ``prev_reward [B, T]``, ``episode_start [B, T]``
     -> PolicyOutput with ``dist [B, T, A]``, ``value [B, T]``. The sequence starts at the first step of a trial.
+    ``valid [B, T]`` bool (default all True) marks padding: invalid steps are never attended to and take no
+    position; the outputs there are finite but meaningless.
 
     Step mode: the same inputs without T and ``cache`` from `initial_cache` or the previous step -> (PolicyOutput
-    with ``dist [B, A]``, ``value [B]``; the new cache). The given cache is never modified.
+    with ``dist [B, A]``, ``value [B]``; the new cache). ``step_mask [B]`` bool (default all True): rows with False
+    leave their cache as it was (their outputs are finite but meaningless), so stepping with ``step_mask=m[:, t]``
+    gives sequence mode with ``valid=m``. By default the given cache is never modified; with ``inplace=True``
+    (rollouts under ``torch.no_grad``, also under ``torch.func.vmap``) its tensors are updated in place and the
+    same dict is returned, which skips copying the whole cache each step.
 
-    With ``isolate_episodes=True`` a step attends only to steps of its own episode (in step mode, a row whose
-    ``episode_start`` is True forgets its cache first).
+    With ``isolate_episodes=True`` a step attends only to steps of its own episode (in step mode, a writing row
+    whose ``episode_start`` is True forgets its cache first).
     """
 
     inv_freq: Tensor
@@ -193,9 +250,8 @@ class TransformerPolicy(nn.Module):
     def __init__(
         self, observation_space: spaces.Space, action_space: spaces.Space, config: TransformerConfig | None = None
     ):
-        super().__init__()
+        super().__init__(observation_space, action_space)
         self.config = config or TransformerConfig()
-        self.spec = SpaceSpec.from_spaces(observation_space, action_space)
         cfg = self.config
         head_dim = cfg.d_model // cfg.n_heads
         self.embed = nn.Linear(self.spec.token_dim, cfg.d_model)
@@ -216,18 +272,14 @@ class TransformerPolicy(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    @property
-    def discrete(self) -> bool:
-        return self.spec.discrete
-
     def initial_cache(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Cache:
         """An empty cache for `batch_size` rows (C = context, nh = n_heads, hs = d_model / n_heads).
 
-        ``k{i}``, ``v{i}``: ``(B, nh, C, hs)`` ring buffers of layer i's rotated keys and values (step s at slot
-        s % C); ``valid``: ``(B, C)`` bool, slots a step may attend to; ``step``: ``(B,)`` int64, the next step's
-        index within the trial.
+        ``k{i}``, ``v{i}``: ``(B, nh, C, hs)`` ring buffers of layer i's rotated keys and values (the step at
+        position s at slot s % C); ``valid``: ``(B, C)`` bool, slots a step may attend to; ``step``: ``(B,)``
+        int64, the number of steps written so far (the next valid step's position within the trial).
         """
         ref = self.embed.weight
         device = ref.device if device is None else torch.device(device)
@@ -245,51 +297,66 @@ class TransformerPolicy(nn.Module):
     @overload
     def forward(
         self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor,
-        cache: None = None, isolate_episodes: bool = False,
+        cache: None = None, isolate_episodes: bool = False, *, valid: Tensor | None = None,
     ) -> PolicyOutput: ...
 
     @overload
     def forward(
         self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor,
-        cache: Cache, isolate_episodes: bool = False,
+        cache: Cache, isolate_episodes: bool = False, *, step_mask: Tensor | None = None, inplace: bool = False,
     ) -> tuple[PolicyOutput, Cache]: ...
 
     def forward(
         self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor,
-        cache: Cache | None = None, isolate_episodes: bool = False,
+        cache: Cache | None = None, isolate_episodes: bool = False, *, valid: Tensor | None = None,
+        step_mask: Tensor | None = None, inplace: bool = False,
     ) -> PolicyOutput | tuple[PolicyOutput, Cache]:
         """Sequence mode when `cache` is None, else one step with the cache (see the class docstring)."""
-        check_inputs(self.spec, obs, prev_action, prev_reward, episode_start, step=cache is not None)
+        step = cache is not None
+        check_inputs(self.spec, obs, prev_action, prev_reward, episode_start, step=step)
+        check_mode_kwargs(step, valid, step_mask, inplace)
+        check_mask(step_mask if step else valid, tuple(episode_start.shape), "step_mask" if step else "valid")
         x = self.embed(make_token(obs, prev_action, prev_reward, episode_start, self.embed.weight.dtype))
         if cache is None:
-            return self._sequence(x, episode_start, isolate_episodes)
-        return self._step(x, episode_start, cache, isolate_episodes)
+            return self._sequence(x, episode_start, isolate_episodes, valid)
+        return self._step(x, episode_start, cache, isolate_episodes, step_mask, inplace)
 
-    def _sequence(self, x: Tensor, episode_start: Tensor, isolate_episodes: bool) -> PolicyOutput:
+    def _sequence(self, x: Tensor, episode_start: Tensor, isolate_episodes: bool, valid: Tensor | None) -> PolicyOutput:
         """x ``(B, T, d)`` -> outputs ``[B, T, ..]``."""
-        pos = torch.arange(x.shape[1], device=x.device)  # (T,)
-        cos, sin = rope_tables(pos, self.inv_freq, x.dtype)  # (T, hs/2)
-        allowed = sequence_mask(episode_start, self.config.context, isolate_episodes)  # (B or 1, 1, T, T)
+        pos = step_positions(episode_start, valid).clamp_min(0)  # (1 or B, T)
+        cos, sin = rope_tables(pos.squeeze(0) if valid is None else pos, self.inv_freq, x.dtype)  # (T or B, T, hs/2)
+        allowed = sequence_mask(episode_start, self.config.context, isolate_episodes, valid)  # (B or 1, 1, T, T)
         for block in self.blocks:
             x = block(x, cos, sin, allowed)
         x = self.ln_f(x)
         return self.head(x, x)
 
-    def _step(self, x: Tensor, episode_start: Tensor, cache: Cache, isolate_episodes: bool) -> tuple[PolicyOutput, Cache]:
-        """x ``(B, d)`` -> outputs ``[B, ..]`` and the new cache."""
-        expected = (x.shape[0], self.config.context)
+    def _step(
+        self, x: Tensor, episode_start: Tensor, cache: Cache, isolate_episodes: bool, step_mask: Tensor | None, inplace: bool
+    ) -> tuple[PolicyOutput, Cache]:
+        """x ``(B, d)`` -> outputs ``[B, ..]`` and the cache after this step (the same dict when `inplace`)."""
+        context = self.config.context
+        expected = (x.shape[0], context)
         if tuple(cache["valid"].shape) != expected:
             raise ValueError(f"cache['valid'] has shape {tuple(cache['valid'].shape)}, expected {expected} (batch, context)")
+        write = torch.ones_like(episode_start) if step_mask is None else step_mask  # (B,)
         step = cache["step"]  # (B,)
         cos, sin = rope_tables(step, self.inv_freq, x.dtype)  # (B, hs/2)
-        slot = step % self.config.context  # (B,)
+        slot = step % context  # (B,)
+        at_slot = torch.arange(context, device=x.device) == slot.unsqueeze(-1)  # (B, C)
         valid = cache["valid"]  # (B, C)
         if isolate_episodes:
-            valid = valid & ~episode_start.unsqueeze(-1)
-        slots = torch.arange(self.config.context, device=x.device)  # (C,)
-        valid = valid | (slots == slot.unsqueeze(-1))  # (B, C)
-        new_cache = {"valid": valid, "step": step + 1}
+            valid = valid & ~(episode_start & write).unsqueeze(-1)
+        valid = valid | (at_slot & write.unsqueeze(-1))  # (B, C): slots to attend to once this step is written
+        store = partial(ring_write, at=ring_slots(slot, self.config.n_heads), write=write, inplace=inplace)
+        bias = step_bias(valid, self.config.n_heads, x.dtype)  # (B * nh, 1, C)
+        new_cache = cache if inplace else {}
         for i, block in enumerate(self.blocks):
-            x, new_cache[f"k{i}"], new_cache[f"v{i}"] = block.step(x, cos, sin, cache[f"k{i}"], cache[f"v{i}"], slot, valid)
+            x, new_cache[f"k{i}"], new_cache[f"v{i}"] = block.step(x, cos, sin, cache[f"k{i}"], cache[f"v{i}"], store, bias)
+        if inplace:
+            cache["valid"].copy_(valid)
+            cache["step"].add_(write.long())
+        else:
+            new_cache["valid"], new_cache["step"] = valid, step + write.long()
         x = self.ln_f(x)
         return self.head(x, x), new_cache

@@ -1,7 +1,6 @@
 """Task families shipped with metarl; importing this package registers them (also with Gymnasium)."""
 
 from metarl.envs import bandit, cartpole_var, pendulum_var, point_nav, tabular_mdp
-
 from metarl.gym_registration import register_gymnasium
 
 _BUILTIN = {

@@ -1,4 +1,4 @@
-"""The `metarl` command line: `metarl envs`, `metarl random-baseline`."""
+"""The `metarl` command line: `metarl envs`, `metarl train`, `metarl random-baseline`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import metarl
+from metarl.checkpoint import CheckpointError
 
 
 def _print_envs(as_json: bool) -> None:
@@ -39,6 +41,18 @@ def _random_baseline(args: argparse.Namespace) -> None:
               f"({stats['episodes_per_trial']} episode(s) x {stats['horizon']} steps)")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from metarl.config import build_config, overrides_from_namespace
+    from metarl.train import TrainConfig, run_training
+
+    overrides = overrides_from_namespace(args, TrainConfig)
+    if args.resume:  # the run's saved config, with any flags given now (e.g. more --iterations) on top
+        config = build_config(TrainConfig, Path(args.resume) / "config.json", overrides)
+        run_training(config, args.resume, resume=True)
+    else:
+        run_training(build_config(TrainConfig, args.config, overrides), args.run_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metarl", description=metarl.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     rand.add_argument("--split", default="test", choices=metarl.SPLITS, help="task split to evaluate on")
     rand.add_argument("--seed", type=int, default=0, help="seed for tasks, env noise and actions")
     rand.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    train = sub.add_parser("train", help="meta-train an agent on a task family, then evaluate it on held-out tasks",
+                           description="Meta-train an agent; options come from typed configs (a file, then flags).")
+    train.add_argument("--config", help="JSON or TOML file with config values (flags override it)")
+    train.add_argument("--run-dir", help="where checkpoints, TensorBoard logs and config.json go "
+                                         "(default runs/<family>-<agent>-seed<seed>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    from metarl.config import add_dataclass_arguments
+    from metarl.train import TrainConfig
+
+    add_dataclass_arguments(train, TrainConfig)
     return parser
 
 
@@ -60,9 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_envs(args.json)
         elif args.command == "random-baseline":
             _random_baseline(args)
-    except (KeyError, ValueError, TypeError) as err:
+        elif args.command == "train":
+            _train(args)
+    except (KeyError, ValueError, TypeError, CheckpointError, FileNotFoundError) as err:
         print(f"metarl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"metarl {args.command}: interrupted; the last checkpoint is in the run directory", file=sys.stderr)
+        return 130
     return 0
 
 

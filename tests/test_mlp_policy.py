@@ -1,4 +1,4 @@
-"""MLPPolicy (same interface as the Transformer) and the pure distribution functions."""
+"""MLPPolicy (same interface as the Transformer), the methods both policies share, and the pure distribution functions."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
-from metarl.agents import distributions as D
-from metarl.agents.mlp import MLPConfig, MLPPolicy
-from metarl.agents.policy import PolicyOutput, encode_prev_action
 from torch.distributions import Categorical, Normal, kl_divergence
 from torch.func import functional_call, grad, vmap
+
+from metarl.agents import distributions as D
+from metarl.agents.mlp import MLPConfig, MLPPolicy
+from metarl.agents.policy import HistoryPolicy, PolicyOutput, encode_prev_action
+from metarl.agents.transformer import TransformerConfig, TransformerPolicy
 
 OBS = spaces.Box(-np.inf, np.inf, shape=(3,), dtype=np.float32)
 ACTION_SPACES = {"box": spaces.Box(-1, 1, shape=(2,), dtype=np.float32), "discrete": spaces.Discrete(4)}
@@ -38,7 +40,23 @@ def test_sequence_equals_step_and_cache_unchanged(action):
             torch.testing.assert_close(out.dist, seq.dist[:, t], atol=1e-6, rtol=0)
             torch.testing.assert_close(out.value, seq.value[:, t], atol=1e-6, rtol=0)
     assert seq.dist.shape == (2, 5, policy.spec.action_dim) and seq.value.shape == (2, 5)
-    assert seq.log_std.shape == ((0,) if policy.discrete else (2,))
+    assert seq.log_std.shape == (2, 5, 0 if policy.discrete else 2)
+
+
+def test_masks_are_checked_and_ignored():
+    policy = MLPPolicy(OBS, ACTION_SPACES["box"], MLPConfig(hidden=(8,)))
+    inputs = make_inputs(2, 5, False)
+    valid = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    with torch.no_grad():
+        torch.testing.assert_close(policy(*inputs, valid=valid), policy(*inputs), atol=0, rtol=0)
+        cache = policy.initial_cache(2)
+        out, same = policy(*(x[:, 0] for x in inputs), cache=cache, step_mask=valid[:, 2], inplace=True)
+        assert same is cache
+        torch.testing.assert_close(out.dist, policy(*inputs).dist[:, 0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"valid has shape \(2,\), expected \(2, 5\)"):
+        policy(*inputs, valid=valid[:, 0])
+    with pytest.raises(TypeError, match="step_mask must be torch.bool"):
+        policy(*(x[:, 0] for x in inputs), cache={}, step_mask=torch.ones(2))
 
 
 def test_vmap_over_task_parameters_with_empty_cache():
@@ -52,7 +70,7 @@ def test_vmap_over_task_parameters_with_empty_cache():
         out, cache = vmap(lambda p, c, *x: functional_call(policy, p, x, {"cache": c}))(
             params, policy.initial_cache(2), *(x[:, :, 0] for x in inputs)
         )
-        assert cache == {}
+        assert cache == {} and out.log_std.shape == (N, 2, 2) and seq.log_std.shape == (N, 2, 4, 2)
         for i in range(N):
             ref = functional_call(policy, {k: v[i] for k, v in params.items()}, tuple(x[i] for x in inputs))
             for got, want in zip((f[i] for f in seq), ref):
@@ -93,6 +111,40 @@ def test_wrong_obs_shape_and_bad_config():
         MLPConfig(activation="sigmoid")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Dict"):
         MLPPolicy(OBS, spaces.Dict({"a": spaces.Discrete(2)}))
+
+
+TINY_TRANSFORMER = TransformerConfig(n_layers=1, d_model=8, n_heads=2, context=4)
+POLICIES = {
+    "mlp": lambda action: MLPPolicy(OBS, ACTION_SPACES[action], MLPConfig(hidden=(8,))),
+    "transformer": lambda action: TransformerPolicy(OBS, ACTION_SPACES[action], TINY_TRANSFORMER),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(POLICIES))
+@pytest.mark.parametrize("action", ["box", "discrete"])
+def test_shared_policy_methods(kind, action):
+    """The rollout-facing methods use the policy's own action space and delegate to `distributions`."""
+    policy = POLICIES[kind](action).double()
+    discrete = action == "discrete"
+    assert isinstance(policy, HistoryPolicy) and policy.action_space is ACTION_SPACES[action] and policy.observation_space is OBS
+    actions = torch.tensor([3, 0]) if discrete else torch.randn(2, 2)
+    prev_action = policy.encode_prev_action(actions)
+    assert prev_action.dtype == torch.float64 and prev_action.shape == (2, policy.spec.action_dim)
+    if discrete:
+        assert prev_action.tolist() == [[0, 0, 0, 1], [1, 0, 0, 0]]
+    noise = policy.action_noise(2, torch.Generator().manual_seed(1), "cpu")
+    draw = torch.rand if discrete else torch.randn  # uniform [0, 1) for Gumbel-max, standard normal for a Gaussian
+    assert torch.equal(noise, draw(2, policy.spec.action_dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    out, _ = policy(torch.randn(2, 3, dtype=torch.float64), prev_action, torch.zeros(2, dtype=torch.float64),
+                    torch.ones(2, dtype=torch.bool), cache=policy.initial_cache(2))
+    sampled = policy.sample_action(out, noise)
+    assert torch.equal(sampled, D.sample(out, noise)) and torch.equal(policy.mode_action(out), D.mode(out))
+    assert sampled.shape == actions.shape
+    torch.testing.assert_close(policy.log_prob(out, sampled), D.log_prob(out, sampled, discrete))
+    torch.testing.assert_close(policy.entropy(out), D.entropy(out, discrete))
+    other = PolicyOutput(out.dist + 0.1, out.log_std - 0.2 * (not discrete), out.value)
+    torch.testing.assert_close(policy.kl(out, other), D.kl(out, other, discrete))
+    assert policy.kl(out, out).abs().max() < 1e-12
 
 
 # distributions
@@ -158,3 +210,21 @@ def test_distributions_under_vmap(discrete):
         ref = per_task(PolicyOutput(*(f[i] for f in stacked)), PolicyOutput(*(f[i] for f in other)), action[i], noise[i])
         for got, want in zip(batched, ref):
             torch.testing.assert_close(got[i], want)
+
+
+def test_log_std_aligned_on_leading_dims():
+    """log_std [A], [N, A] (per task) and expanded [N, M, A] against dist [N, M, A] give the same results."""
+    N, M = 3, 4
+    dist, log_std = torch.randn(N, M, 2), 0.3 * torch.randn(N, 2)
+    per_task = PolicyOutput(dist, log_std, torch.zeros(N, M))
+    expanded = PolicyOutput(dist, log_std.unsqueeze(1).expand(N, M, 2), torch.zeros(N, M))
+    other = PolicyOutput(dist + 0.5, 0.1 * torch.randn(2), torch.zeros(N, M))
+    action, noise = torch.randn(N, M, 2), torch.randn(N, M, 2)
+    for a, b in ((per_task, expanded), (other, PolicyOutput(other.dist, other.log_std.expand(N, M, 2), other.value))):
+        torch.testing.assert_close(D.log_prob(a, action, False), D.log_prob(b, action, False))
+        torch.testing.assert_close(D.entropy(a, False), D.entropy(b, False))
+        torch.testing.assert_close(D.sample(a, noise), D.sample(b, noise))
+    torch.testing.assert_close(D.kl(per_task, other, False), D.kl(expanded, other, False))
+    ref = Normal(dist, log_std.unsqueeze(1).exp())
+    torch.testing.assert_close(D.log_prob(per_task, action, False), ref.log_prob(action).sum(-1))
+    torch.testing.assert_close(D.entropy(per_task, False), ref.entropy().sum(-1))

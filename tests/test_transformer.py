@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
+from torch.func import functional_call, grad, vmap
+
 from metarl.agents.distributions import log_prob
 from metarl.agents.policy import PolicyOutput, encode_prev_action
 from metarl.agents.transformer import TransformerConfig, TransformerPolicy, attend
-from torch.func import functional_call, grad, vmap
 
 OBS = spaces.Box(-np.inf, np.inf, shape=(3,), dtype=np.float32)
 ACTION_SPACES = {"box": spaces.Box(-1, 1, shape=(2,), dtype=np.float32), "discrete": spaces.Discrete(4)}
@@ -38,14 +39,57 @@ def make_inputs(policy: TransformerPolicy, B: int, T: int, dtype: torch.dtype = 
             episode_start)
 
 
-def run_steps(policy: TransformerPolicy, inputs: tuple[torch.Tensor, ...], isolate: bool) -> PolicyOutput:
-    """Loops step mode over T; stacks the outputs to [B, T, ..]."""
+def padded_trial(policy: TransformerPolicy, episode_len: int = 8) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Inputs [3, 2 * episode_len, ..] of a two-episode trial laid out like a rollout buffer, and valid [3, T].
+
+    Row 0's first episode ends after 3 steps (padding in the middle of the trial, one padding step flagged as an
+    episode start), row 1 starts with two padding steps, row 2's first episode ends after 6 steps and its second
+    after 2.
+    """
+    B, T = 3, 2 * episode_len
+    obs, prev_action, prev_reward, _ = make_inputs(policy, B, T)
+    episode_start = torch.zeros(B, T, dtype=torch.bool)
+    episode_start[:, [0, episode_len]] = True
+    episode_start[0, 5] = True
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, 3:episode_len] = False
+    valid[1, :2] = False
+    valid[2, 6:episode_len] = False
+    valid[2, episode_len + 2:] = False
+    return (obs, prev_action, prev_reward, episode_start), valid
+
+
+def compacted(
+    policy: TransformerPolicy, inputs: tuple[torch.Tensor, ...], valid: torch.Tensor, isolate: bool
+) -> list[PolicyOutput]:
+    """Ground truth per row: sequence mode on the row's valid steps alone (the padding cut out)."""
+    rows = []
+    for b in range(valid.shape[0]):
+        keep = valid[b].nonzero().squeeze(-1)
+        rows.append(policy(*(x[b : b + 1, keep] for x in inputs), isolate_episodes=isolate))
+    return rows
+
+
+def run_steps(
+    policy: TransformerPolicy, inputs: tuple[torch.Tensor, ...], isolate: bool, valid: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> PolicyOutput:
+    """Loops step mode over T (``step_mask = valid[:, t]``); stacks the outputs to [B, T, ..]."""
     cache = policy.initial_cache(inputs[0].shape[0])
     outs = []
     for t in range(inputs[0].shape[1]):
-        out, cache = policy(*(x[:, t] for x in inputs), cache=cache, isolate_episodes=isolate)
+        mask = None if valid is None else valid[:, t]
+        out, new_cache = policy(*(x[:, t] for x in inputs), cache=cache, isolate_episodes=isolate, step_mask=mask,
+                                inplace=inplace)
+        assert (new_cache is cache) == inplace
+        cache = new_cache
         outs.append(out)
-    return PolicyOutput(torch.stack([o.dist for o in outs], 1), outs[0].log_std, torch.stack([o.value for o in outs], 1))
+    return stack_outputs(outs)
+
+
+def stack_outputs(outs: list[PolicyOutput]) -> PolicyOutput:
+    """Per-step outputs [B, ..] -> [B, T, ..]."""
+    return PolicyOutput(*(torch.stack(fields, 1) for fields in zip(*outs)))
 
 
 def assert_outputs_close(a: PolicyOutput, b: PolicyOutput, atol: float = 1e-5) -> None:
@@ -68,14 +112,102 @@ def test_sequence_equals_step(action, T, isolate, attention):
 
 
 @pytest.mark.parametrize("action", ["box", "discrete"])
+@pytest.mark.parametrize("isolate", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_padding_step_mask_equals_valid(action, isolate, inplace):
+    """A trial longer than the context with padding inside: step mode with step_mask == sequence mode with valid ==
+    sequence mode on the valid steps alone."""
+    policy = make_policy(action)
+    inputs, valid = padded_trial(policy)
+    with torch.no_grad():
+        seq = policy(*inputs, isolate_episodes=isolate, valid=valid)
+        steps = run_steps(policy, inputs, isolate, valid, inplace)
+        for out in (seq, steps):
+            assert all(torch.isfinite(f).all() for f in out)
+        assert_outputs_close(PolicyOutput(*(f[valid] for f in seq)), PolicyOutput(*(f[valid] for f in steps)))
+        for b, ref in enumerate(compacted(policy, inputs, valid, isolate)):
+            assert_outputs_close(PolicyOutput(*(f[b, valid[b]] for f in seq)), PolicyOutput(*(f[0] for f in ref)))
+        if not isolate:  # the padding would have mattered
+            assert (policy(*inputs).dist[0, 8:] - seq.dist[0, 8:]).abs().max() > 1e-3
+
+
+def test_inplace_step_updates_the_given_cache():
+    policy = make_policy()
+    inputs, valid = padded_trial(policy)
+    cache, copied = policy.initial_cache(3), policy.initial_cache(3)
+    tensors = dict(cache)
+    with torch.no_grad():
+        for t in range(6):
+            step_inputs = tuple(x[:, t] for x in inputs)
+            out, same = policy(*step_inputs, cache=cache, step_mask=valid[:, t], inplace=True)
+            ref, copied = policy(*step_inputs, cache=copied, step_mask=valid[:, t])
+            assert same is cache and all(cache[k] is v for k, v in tensors.items())
+            assert_outputs_close(out, ref, atol=0)
+            for k in cache:
+                assert torch.equal(cache[k], copied[k]), k
+    assert cache["step"].tolist() == [3, 4, 6]
+
+
+@pytest.mark.filterwarnings("error:There is a performance drop")  # no per-sample fallback under vmap
+@pytest.mark.parametrize("action", ["box", "discrete"])
+def test_vmap_inplace_step_equals_loop(action):
+    """Per-task parameters under vmap with a batched cache updated in place == a loop over tasks without vmap."""
+    policy = make_policy(action)
+    N = 3
+    params = stacked_params(policy, N)
+    trials = [padded_trial(policy) for _ in range(N)]
+    inputs = [torch.stack(xs) for xs in zip(*(t[0] for t in trials))]  # each [N, 3, T, ..]
+    valid = torch.stack([t[1] for t in trials])  # [N, 3, T]
+    kwargs = {"isolate_episodes": True}
+    step_fn = vmap(lambda p, c, m, *x: functional_call(policy, p, x, {"cache": c, "step_mask": m, "inplace": True, **kwargs}))
+    cache = {k: torch.stack([v] * N) for k, v in policy.initial_cache(3).items()}
+    tensors = dict(cache)
+    with torch.no_grad():
+        outs = []
+        for t in range(valid.shape[-1]):
+            out, cache = step_fn(params, cache, valid[:, :, t], *(x[:, :, t] for x in inputs))
+            outs.append(out)
+        assert all(torch.equal(cache[k], v) for k, v in tensors.items())  # the writes reached the given tensors
+        batched = stack_outputs([PolicyOutput(*(f.movedim(0, 1) for f in out)) for out in outs])  # [3, T, N, ..]
+        for i in range(N):
+            module_i = {k: v[i] for k, v in params.items()}
+            loop_cache = policy.initial_cache(3)
+            for t in range(valid.shape[-1]):
+                ref, loop_cache = functional_call(policy, module_i, tuple(x[i, :, t] for x in inputs),
+                                                  {"cache": loop_cache, "step_mask": valid[i, :, t], **kwargs})
+                assert_outputs_close(PolicyOutput(*(f[:, t, i] for f in batched)), ref)
+            for k in loop_cache:
+                torch.testing.assert_close(tensors[k][i], loop_cache[k], atol=1e-5, rtol=0)
+
+
+def test_mask_arguments_are_checked():
+    policy = make_policy()
+    inputs, valid = padded_trial(policy)
+    step_inputs = tuple(x[:, 0] for x in inputs)
+    with pytest.raises(ValueError, match=r"valid has shape \(3, 15\), expected \(3, 16\)"):
+        policy(*inputs, valid=valid[:, 1:])
+    with pytest.raises(TypeError, match="valid must be torch.bool"):
+        policy(*inputs, valid=valid.float())
+    with pytest.raises(ValueError, match=r"step_mask has shape \(3, 16\), expected \(3,\)"):
+        policy(*step_inputs, cache=policy.initial_cache(3), step_mask=valid)
+    with pytest.raises(ValueError, match="in step mode pass step_mask"):
+        policy(*step_inputs, cache=policy.initial_cache(3), valid=valid)
+    with pytest.raises(ValueError, match="need step mode"):
+        policy(*inputs, inplace=True)
+
+
+@pytest.mark.parametrize("action", ["box", "discrete"])
 def test_attention_settings_agree(action):
     math_policy = make_policy(action, attention="math")
     sdpa_policy = make_policy(action, attention="sdpa")
     sdpa_policy.load_state_dict(math_policy.state_dict())
-    inputs = make_inputs(math_policy, 2, 9)
+    inputs, valid = padded_trial(math_policy, 7)
     with torch.no_grad():
         for isolate in (False, True):
             assert_outputs_close(math_policy(*inputs, isolate_episodes=isolate), sdpa_policy(*inputs, isolate_episodes=isolate))
+            math_out = math_policy(*inputs, isolate_episodes=isolate, valid=valid)
+            sdpa_out = sdpa_policy(*inputs, isolate_episodes=isolate, valid=valid)
+            assert_outputs_close(*(PolicyOutput(*(f[valid] for f in out)) for out in (math_out, sdpa_out)))
 
 
 def test_cache_is_not_modified():
@@ -155,9 +287,9 @@ def test_vmap_over_task_parameters(action):
         for t in range(T):
             out, cache = step_fn(params, cache, *(x[:, :, t] for x in inputs))
             assert cache["step"].shape == (N, B)
+            assert out.log_std.shape[:2] == (N, B)
             for i in range(N):
-                assert_outputs_close(PolicyOutput(out.dist[i], out.log_std[i], out.value[i]),
-                                     PolicyOutput(refs[i].dist[:, t], refs[i].log_std, refs[i].value[:, t]))
+                assert_outputs_close(PolicyOutput(*(f[i] for f in out)), PolicyOutput(*(f[:, t] for f in refs[i])))
 
 
 def maml_losses(policy: TransformerPolicy, action: str, alpha: float):

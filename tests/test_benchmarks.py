@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end (quick mode) and write the JSON their docs are made from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import metarl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, tmp_path: Path) -> dict:
+    out = tmp_path / "result.json"
+    md = tmp_path / "table.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), "--quick", "--out", str(out), "--markdown", str(md)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert md.read_text().count("|") > 10
+    return json.loads(out.read_text())
+
+
+def test_bench_envs(tmp_path):
+    result = run_script("bench_envs.py", tmp_path)
+    assert {r["family"] for r in result["families"]} == set(metarl.family_names())
+    for row in result["families"]:
+        assert set(row["batched"]) == {"1", "64", "1024", "16384"} and all(v > 0 for v in row["batched"].values())
+        assert set(row["sync_vector_env"]) == {"64", "1024"}
+    assert set(result["gymnasium_sync_vector_env"]) == {"CartPole-v1", "Pendulum-v1"}
+    assert result["machine"]["cpu_count"] >= 1
+
+
+def test_bench_rollout(tmp_path):
+    result = run_script("bench_rollout.py", tmp_path)
+    assert {(r["policy"], r["params"]) for r in result["collect"]} == {
+        (p, k) for p in ("transformer", "mlp") for k in ("shared", "per-task")}
+    assert [r["history"] for r in result["step_vs_reencode"]] == [50, 100, 200]
+    assert all(r["cached_step_ms"] > 0 and r["reencode_step_ms"] > 0 for r in result["step_vs_reencode"])
