@@ -49,7 +49,8 @@ class Trainer:
             raise ValueError(f"iterations must be >= 0 and checkpoint_every >= 1, got {iterations}, {checkpoint_every}")
         self.learner, self.run_dir, self.iterations = learner, Path(run_dir), iterations
         self.config = dict(config or {})
-        self.checkpoint_every, self.keep, self.progress, self.tensorboard = checkpoint_every, keep_checkpoints, progress, tensorboard
+        self.checkpoint_every, self.keep = checkpoint_every, keep_checkpoints
+        self.progress, self.tensorboard = progress, tensorboard
         self.iteration = 0
         self._wall_offset = 0.0
         self._start = time.perf_counter()

@@ -70,7 +70,7 @@ def run(quick: bool, device: str) -> dict:
         for n in BATCHED_N:
             row["batched"][str(n)] = bench_batched(family, n, device, min_time)
         for n in SYNC_N:
-            row["sync_vector_env"][str(n)] = bench_sync(lambda: family.make(task), n, min_time)
+            row["sync_vector_env"][str(n)] = bench_sync(lambda family=family, task=task: family.make(task), n, min_time)
         row["speedup_vs_sync"] = {str(n): row["batched"][str(n)] / row["sync_vector_env"][str(n)] for n in SYNC_N}
         rows.append(row)
         print(json.dumps(row))
