@@ -235,6 +235,35 @@ class InContextLearner:
         return {"gradient_steps": [], "gradient_steps_per_task": [], "incontext_episodes": means,
                 "incontext_episodes_per_task": per_task}
 
+    # ------------------------------------------------------------------ Stable-Baselines3-style surface
+    def learn(self, iterations: int, callback=None, progress_bar: bool = False):
+        """Trains `iterations` more meta-iterations; see `metarl.agents.api.learn`."""
+        from .api import learn
+
+        return learn(self, iterations, callback, progress_bar)
+
+    def save(self, path) -> None:
+        """Writes the learner to one file; `InContextLearner.load(path)` rebuilds it."""
+        from .api import save
+
+        save(self, path)
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        from .api import load
+
+        learner = load(path, device)
+        if not isinstance(learner, cls):
+            raise TypeError(f"{path} holds a {type(learner).__name__}, not a {cls.__name__}")
+        return learner
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = False, reward=None,
+                params=None):
+        """Actions for a batch of observations, carrying the history in `state`; see `metarl.agents.api.predict`."""
+        from .api import predict
+
+        return predict(self, observation, state, episode_start, deterministic, reward, params)
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Policy, Adam state and env step count: everything a resumed run needs."""

@@ -204,18 +204,52 @@ class MAMLLearner:
     # ------------------------------------------------------------------ evaluation
     def adaptation_curve(self, tasks: Tasks, seed: int, steps: int = 3, episodes: int | None = None) -> dict[str, Any]:
         """Mean return on `tasks` before adaptation and after each of `steps` gradient steps (each step adapts on
-        fresh trajectories of the current per-task parameters, as in the MAML paper's evaluation)."""
+        fresh trajectories of the current per-task parameters, as in the MAML paper's evaluation); with several
+        episodes per trial, also the return of each episode of a trial under the final parameters."""
         per_task: list[list[float]] = []
         params: Params | None = None
         for k in range(steps + 1):
             traj = self._collect(tasks, derive_seed(seed, k), params=params, episodes=episodes)
             per_task.append(traj.episode_returns().mean(dim=1).tolist())
+            by_episode = traj.episode_returns().reshape(len(tasks), -1, traj.episodes_per_trial).mean(dim=1)  # (N, E)
             if k < steps:
                 start = self._params() if params is None else params
                 params = {n: v.detach() for n, v in self._adapt(start, traj, stacked=params is not None).items()}
         means = [sum(r) / len(r) for r in per_task]
-        return {"gradient_steps": means, "gradient_steps_per_task": per_task, "incontext_episodes": [],
-                "incontext_episodes_per_task": []}
+        # with several episodes per trial, the in-context curve is that of the last (most adapted) parameters
+        episodes_per_task = by_episode.T.tolist() if traj.episodes_per_trial > 1 else []
+        return {"gradient_steps": means, "gradient_steps_per_task": per_task,
+                "incontext_episodes": [sum(r) / len(r) for r in episodes_per_task],
+                "incontext_episodes_per_task": episodes_per_task}
+
+    # ------------------------------------------------------------------ Stable-Baselines3-style surface
+    def learn(self, iterations: int, callback=None, progress_bar: bool = False):
+        """Trains `iterations` more meta-iterations; see `metarl.agents.api.learn`."""
+        from .api import learn
+
+        return learn(self, iterations, callback, progress_bar)
+
+    def save(self, path) -> None:
+        """Writes the learner to one file; `MAMLLearner.load(path)` rebuilds it."""
+        from .api import save
+
+        save(self, path)
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        from .api import load
+
+        learner = load(path, device)
+        if not isinstance(learner, cls):
+            raise TypeError(f"{path} holds a {type(learner).__name__}, not a {cls.__name__}")
+        return learner
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = False, reward=None,
+                params=None):
+        """Actions for a batch of observations, carrying the history in `state`; see `metarl.agents.api.predict`."""
+        from .api import predict
+
+        return predict(self, observation, state, episode_start, deterministic, reward, params)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

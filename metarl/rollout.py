@@ -60,7 +60,7 @@ def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_
         generator = torch.Generator(device=device)
         generator.manual_seed(0 if seed is None else seed)
     params = dict(params) if params is not None else {k: v.detach() for k, v in policy.named_parameters()}
-    step = _step_fn(policy, params, per_task, num_tasks, m, isolate_episodes)
+    step = policy_step_fn(policy, params, per_task, num_tasks, m, isolate_episodes)
 
     obs_space_dim = env.single_observation_space.shape
     dtype = torch.float32
@@ -122,7 +122,7 @@ def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_
                         episodes_per_trial=episodes_per_trial)
 
 
-def _step_fn(policy: nn.Module, params: dict[str, Tensor], per_task: bool, n: int, m: int, isolate: bool):
+def policy_step_fn(policy: nn.Module, params: dict[str, Tensor], per_task: bool, n: int, m: int, isolate: bool):
     """One cached policy step over the flat batch B = n * m, with shared or per-task parameters."""
 
     def call(p, obs, prev_action, prev_reward, start, cache, step_mask):

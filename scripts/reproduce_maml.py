@@ -1,0 +1,103 @@
+"""Reproduce the MAML paper's 2D-navigation result, then run the Transformer agents on the same held-out tasks.
+
+    python scripts/reproduce_maml.py --out docs/results/reproduce_maml.json [--quick] [--iterations 500]
+        [--agents mlp,maml-transformer,incontext-transformer,both] [--markdown docs/results/reproduce_maml.md]
+
+Setup (Finn et al. 2017): PointNav, horizon 100, MLP 2x100 ReLU, inner step = vanilla policy gradient with a linear
+feature baseline, inner lr 0.1, outer TRPO (max KL 0.01, CG 10 iterations, damping 1e-5, line search 15 x 0.8),
+meta-batch 20 tasks, 20 trajectories per task, gamma 0.99, GAE lambda 1.0. Evaluation: 40 held-out test-split tasks,
+return after 0, 1, 2, 3 inner gradient steps (each on 20 fresh trajectories). Each agent trains in its own run
+directory under --runs (TensorBoard logs, checkpoints, config.json), exactly as `metarl train` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from metarl.config import build_config
+from metarl.machine import machine_info
+from metarl.train import TrainConfig, run_training
+
+PUBLISHED = {"MAML-TRPO (Finn et al. 2017)": [-40.4, -11.7, -3.33, -3.23], "pretrained": [-40.8, -19.7, -11.7, -8.5],
+             "random init": [-82.7, -58.0, -53.8, -46.8], "oracle": [-2.29]}
+
+PAPER = {"env": "PointNav", "env_options": "horizon=100", "eval_tasks": 40, "eval_steps": 3, "batch.meta_batch": 20,
+         "batch.trajectories_per_task": 20, "maml.inner_lr": 0.1, "maml.gamma": 0.99, "maml.gae_lambda": 1.0,
+         "outer.method": "trpo", "outer.max_kl": 0.01, "mlp.hidden": (100, 100), "mlp.activation": "relu"}
+
+AGENTS = {
+    "mlp": {"agent": "maml-mlp"},
+    "maml-transformer": {"agent": "maml-transformer", "transformer.context": 100},
+    "incontext-transformer": {"agent": "incontext-transformer", "incontext.episodes_per_trial": 2,
+                              "transformer.context": 200, "incontext.meta_batch": 20, "incontext.trials_per_task": 4},
+    "both": {"agent": "maml-transformer", "batch.episodes_per_trial": 2, "batch.trajectories_per_task": 10,
+             "transformer.context": 200},
+}
+
+
+def run_agent(name: str, iterations: int, runs: Path, quick: bool, seed: int) -> dict:
+    overrides = {**PAPER, **AGENTS[name], "iterations": iterations, "seed": seed, "progress": False,
+                 "checkpoint_every": max(1, iterations // 10)}
+    if quick:
+        overrides.update({"batch.meta_batch": 2, "batch.trajectories_per_task": 2, "eval_tasks": 3,
+                          "incontext.meta_batch": 2, "incontext.trials_per_task": 1, "incontext.minibatches": 1})
+    config = build_config(TrainConfig, None, overrides)
+    start = time.perf_counter()
+    result = run_training(config, runs / f"{name}-seed{seed}-it{iterations}", resume=False)
+    wall = time.perf_counter() - start
+    return {"agent": name, "iterations": iterations, "seed": seed, "wall_clock_s": wall, "config": overrides,
+            "gradient_steps": [s["mean"] for s in result["gradient_steps"]],
+            "gradient_steps_ci95": [s["ci95"] for s in result["gradient_steps"]],
+            "incontext_episodes": [s["mean"] for s in result["incontext_episodes"]]}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"2D navigation (PointNav, horizon 100), 40 held-out tasks; machine: {m['cpu']}, {m['cpu_count']} cores, "
+             f"torch {m['torch']}. Return after 0 / 1 / 2 / 3 inner gradient steps"
+             + (" (quick run: tiny budget, not a result)" if result["quick"] else "") + ".", "",
+             "| agent | iterations | after 0 | after 1 | after 2 | after 3 | in-context episodes | wall clock |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, values in PUBLISHED.items():
+        cells = [f"{v:g}" for v in values] + [""] * (4 - len(values))
+        lines.append(f"| {name} (published) | up to 500 | " + " | ".join(cells) + " | | |")
+    for r in result["runs"]:
+        steps = " | ".join(f"{v:.2f}" for v in r["gradient_steps"]) if r["gradient_steps"] else " | ".join(["n/a"] * 4)
+        episodes = ", ".join(f"{v:.2f}" for v in r["incontext_episodes"])
+        lines.append(f"| metarl {r['agent']} | {r['iterations']} | {steps} | {episodes} | {r['wall_clock_s'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--quick", action="store_true", help="tiny budget (a smoke test, not a result)")
+    parser.add_argument("--iterations", type=int, default=500, help="meta-iterations per agent (the paper: up to 500)")
+    parser.add_argument("--agents", default="mlp", help=f"comma-separated, from {sorted(AGENTS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", default="runs/reproduce_maml", help="parent folder of the run directories")
+    parser.add_argument("--markdown", help="also write a markdown table to this file")
+    args = parser.parse_args()
+    names = [a.strip() for a in args.agents.split(",") if a.strip()]
+    unknown = sorted(set(names) - set(AGENTS))
+    if unknown:
+        parser.error(f"unknown agent(s) {unknown}; choose from {sorted(AGENTS)}")
+    iterations = 2 if args.quick else args.iterations
+    torch.set_num_threads(torch.get_num_threads())
+    runs = [run_agent(name, iterations, Path(args.runs), args.quick, args.seed) for name in names]
+    result = {"benchmark": "reproduce_maml", "quick": args.quick, "machine": machine_info(), "published": PUBLISHED,
+              "target": "after 1 step >= -11.7", "runs": runs}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
