@@ -103,7 +103,13 @@ def make_learner(config: TrainConfig) -> MAMLLearner | InContextLearner:
 
 
 def default_run_dir(config: TrainConfig) -> Path:
-    return Path("runs") / f"{make_family_from(config).name}-{config.agent}-seed{config.seed}"
+    """runs/<family>-<agent>-seed<seed>, with -2, -3, ... appended if that directory already holds a run."""
+    base = Path("runs") / f"{make_family_from(config).name}-{config.agent}-seed{config.seed}"
+    path, n = base, 1
+    while path.exists() and any(path.iterdir()):
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def run_training(config: TrainConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
@@ -120,6 +126,7 @@ def run_training(config: TrainConfig, run_dir: str | Path | None = None, resume:
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
+    print(f"run directory: {run_dir}")
     trainer.run()
     family = make_family_from(config)
     result = evaluate_adaptation(learner, family, split="test", num_tasks=config.eval_tasks, steps=config.eval_steps,
