@@ -7,18 +7,19 @@ Setup (Finn et al. 2017): PointNav, horizon 100, MLP 2x100 ReLU, inner step = va
 feature baseline, inner lr 0.1, outer TRPO (max KL 0.01, CG 10 iterations, damping 1e-5, line search 15 x 0.8),
 meta-batch 20 tasks, 20 trajectories per task, gamma 0.99, GAE lambda 1.0. Evaluation: 40 held-out test-split tasks,
 return after 0, 1, 2, 3 inner gradient steps (each on 20 fresh trajectories). Each agent trains in its own run
-directory under --runs (TensorBoard logs, checkpoints, config.json), exactly as `metarl train` would.
+directory under --runs (TensorBoard logs, checkpoints, config.json), exactly as `metarl train` would; rerunning the
+script resumes an interrupted run from its last checkpoint. "wall clock" is the training time (without evaluation).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
+from metarl.checkpoint import latest_checkpoint
 from metarl.config import build_config
 from metarl.machine import machine_info
 from metarl.train import TrainConfig, run_training
@@ -47,10 +48,14 @@ def run_agent(name: str, iterations: int, runs: Path, quick: bool, seed: int) ->
         overrides.update({"batch.meta_batch": 2, "batch.trajectories_per_task": 2, "eval_tasks": 3,
                           "incontext.meta_batch": 2, "incontext.trials_per_task": 1, "incontext.minibatches": 1})
     config = build_config(TrainConfig, None, overrides)
-    start = time.perf_counter()
-    result = run_training(config, runs / f"{name}-seed{seed}-it{iterations}", resume=False)
-    wall = time.perf_counter() - start
-    return {"agent": name, "iterations": iterations, "seed": seed, "wall_clock_s": wall, "config": overrides,
+    run_dir = runs / f"{name}-seed{seed}{'-quick' if quick else ''}"
+    # an interrupted reproduction continues from its last checkpoint (same result as one uninterrupted run)
+    result = run_training(config, run_dir, resume=latest_checkpoint(run_dir) is not None)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_wall = metrics[-1]["time/wall_s"] if metrics else 0.0
+    return {"agent": name, "iterations": iterations, "seed": seed, "run_dir": str(run_dir),
+            "wall_clock_s": train_wall, "config": overrides,
+            "train_curve_step_1": [m["adapt/return_step_1"] for m in metrics if "adapt/return_step_1" in m],
             "gradient_steps": [s["mean"] for s in result["gradient_steps"]],
             "gradient_steps_ci95": [s["ci95"] for s in result["gradient_steps"]],
             "incontext_episodes": [s["mean"] for s in result["incontext_episodes"]]}

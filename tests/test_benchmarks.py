@@ -38,3 +38,17 @@ def test_bench_rollout(tmp_path):
         (p, k) for p in ("transformer", "mlp") for k in ("shared", "per-task")}
     assert [r["history"] for r in result["step_vs_reencode"]] == [50, 100, 200]
     assert all(r["cached_step_ms"] > 0 and r["reencode_step_ms"] > 0 for r in result["step_vs_reencode"])
+
+
+def test_reproduce_maml_quick_and_resumes(tmp_path):
+    args = [sys.executable, str(ROOT / "scripts" / "reproduce_maml.py"), "--quick", "--agents", "mlp,incontext-transformer",
+            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    mlp, rl2 = result["runs"]
+    assert len(mlp["gradient_steps"]) == 4 and len(rl2["incontext_episodes"]) == 2
+    assert "-11.7" in (tmp_path / "r.md").read_text()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=900)  # resumes: same numbers
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["gradient_steps"] == mlp["gradient_steps"]
