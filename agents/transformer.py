@@ -120,19 +120,34 @@ def attend_one(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor) -> Ten
     return y.view(B, nh, hs)
 
 
-def ring_slots(slot: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Indices of ring slot ``slot (B,)`` in a ``(B, nh, C, hs)`` buffer, for advanced indexing: they pick ``(B, nh, hs)``."""
-    rows = torch.arange(slot.shape[0], device=slot.device).unsqueeze(-1)  # (B, 1)
+def ring_slots(slot: Tensor, n_heads: int, context: int) -> Tensor:
+    """Flat row indices ``(B * nh,)`` of ring slot ``slot (B,)`` in a ``(B, nh, C, hs)`` buffer viewed as ``(B * nh * C, hs)``."""
     heads = torch.arange(n_heads, device=slot.device)  # (nh,)
-    return rows, heads, slot.unsqueeze(-1)
+    rows = torch.arange(slot.shape[0], device=slot.device).unsqueeze(-1)  # (B, 1)
+    return ((rows * n_heads + heads) * context + slot.unsqueeze(-1)).reshape(-1)  # (B * nh,)
 
 
-def ring_write(buffer: Tensor, value: Tensor, at: tuple[Tensor, Tensor, Tensor], write: Tensor, inplace: bool) -> Tensor:
-    """Stores ``value (B, nh, hs)`` at the ring slots `at` (from `ring_slots`) of ``buffer (B, nh, C, hs)`` in the rows
-    where ``write (B,)``; other rows keep their slot. With `inplace` the buffer itself is updated and returned
-    (``index_put_``, which has a batching rule under ``torch.func.vmap``)."""
-    value = torch.where(write.view(-1, 1, 1), value, buffer[at])  # (B, nh, hs)
-    return buffer.index_put_(at, value) if inplace else buffer.index_put(at, value)
+def ring_read(buffer: Tensor, at: Tensor) -> Tensor:
+    """The contents ``(B, nh, hs)`` of the ring slots `at` (from `ring_slots`) of ``buffer (B, nh, C, hs)``."""
+    hs = buffer.shape[-1]
+    return buffer.reshape(-1, hs).index_select(0, at).view(buffer.shape[0], buffer.shape[1], hs)
+
+
+def ring_write(buffer: Tensor, value: Tensor, at: Tensor, inplace: bool) -> Tensor:
+    """Puts ``value (B, nh, hs)`` at the ring slots `at` (from `ring_slots`) of ``buffer (B, nh, C, hs)``, in place
+    (through a view: raises rather than writing into a copy) or on a copy. ``index_put_`` has a batching rule under
+    ``torch.func.vmap``."""
+    hs = buffer.shape[-1]
+    rows = value.reshape(-1, hs)  # (B * nh, hs)
+    if inplace:
+        buffer.view(-1, hs).index_put_((at,), rows)
+        return buffer
+    return buffer.reshape(-1, hs).index_put((at,), rows).view(buffer.shape)
+
+
+def ring_restore(written: Tensor, before: Tensor, at: Tensor, write: Tensor, inplace: bool) -> Tensor:
+    """Puts the slot contents ``before (B, nh, hs)`` back into ``written (B, nh, C, hs)`` in the rows without ``write (B,)``."""
+    return ring_write(written, torch.where(write.view(-1, 1, 1), ring_read(written, at), before), at, inplace)
 
 
 def step_positions(episode_start: Tensor, valid: Tensor | None) -> Tensor:
@@ -192,8 +207,8 @@ class SelfAttention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, store: Store, bias: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One step: x ``(B, d)``, cos/sin ``(B, hs/2)``, caches ``(B, nh, C, hs)``, `store` writes this step's key
-        and value into a cache, bias ``(B * nh, 1, C)`` (`step_bias` of the slots to attend to after the write).
-        Returns y ``(B, d)`` and the written k, v caches."""
+        and value into a cache (every row), bias ``(B * nh, 1, C)`` (`step_bias` of the slots to attend to after the
+        write). Returns y ``(B, d)`` and the written k, v caches."""
         q, k, v = self._heads(x, cos, sin)  # (B, nh, hs)
         k_cache, v_cache = store(k_cache, k), store(v_cache, v)  # (B, nh, C, hs)
         y = attend_one(q, k_cache, v_cache, bias)  # (B, nh, hs)
@@ -236,13 +251,14 @@ class TransformerPolicy(HistoryPolicy):
 
     Step mode: the same inputs without T and ``cache`` from `initial_cache` or the previous step -> (PolicyOutput
     with ``dist [B, A]``, ``value [B]``; the new cache). ``step_mask [B]`` bool (default all True): rows with False
-    leave their cache as it was (their outputs are finite but meaningless), so stepping with ``step_mask=m[:, t]``
-    gives sequence mode with ``valid=m``. By default the given cache is never modified; with ``inplace=True``
-    (rollouts under ``torch.no_grad``, also under ``torch.func.vmap``) its tensors are updated in place and the
-    same dict is returned, which skips copying the whole cache each step.
+    leave their cache as it was, so stepping with ``step_mask=m[:, t]`` gives sequence mode with ``valid=m``;
+    their outputs are those the step would have if it were kept (a look-ahead, e.g. a bootstrap value). By
+    default the given cache is never modified; with ``inplace=True`` (rollouts under ``torch.no_grad``, also
+    under ``torch.func.vmap`` with a batched cache) its tensors are updated in place and the same dict is
+    returned, which skips copying the whole cache each step.
 
-    With ``isolate_episodes=True`` a step attends only to steps of its own episode (in step mode, a writing row
-    whose ``episode_start`` is True forgets its cache first).
+    With ``isolate_episodes=True`` a step attends only to steps of its own episode (in step mode, a kept step whose
+    ``episode_start`` is True clears its row's cache first).
     """
 
     inv_freq: Tensor
@@ -339,24 +355,32 @@ class TransformerPolicy(HistoryPolicy):
         expected = (x.shape[0], context)
         if tuple(cache["valid"].shape) != expected:
             raise ValueError(f"cache['valid'] has shape {tuple(cache['valid'].shape)}, expected {expected} (batch, context)")
-        write = torch.ones_like(episode_start) if step_mask is None else step_mask  # (B,)
         step = cache["step"]  # (B,)
         cos, sin = rope_tables(step, self.inv_freq, x.dtype)  # (B, hs/2)
         slot = step % context  # (B,)
+        at = ring_slots(slot, self.config.n_heads, context)  # (B * nh,)
         at_slot = torch.arange(context, device=x.device) == slot.unsqueeze(-1)  # (B, C)
         valid = cache["valid"]  # (B, C)
         if isolate_episodes:
-            valid = valid & ~(episode_start & write).unsqueeze(-1)
-        valid = valid | (at_slot & write.unsqueeze(-1))  # (B, C): slots to attend to once this step is written
-        store = partial(ring_write, at=ring_slots(slot, self.config.n_heads), write=write, inplace=inplace)
+            valid = valid & ~episode_start.unsqueeze(-1)
+        valid = valid | at_slot  # (B, C): the slots to attend to once this step is written
         bias = step_bias(valid, self.config.n_heads, x.dtype)  # (B * nh, 1, C)
+        put = partial(ring_write, at=at, inplace=inplace)
+        restore_inplace = inplace or not torch.is_grad_enabled()  # the written copies are ours when nothing records them
         new_cache = cache if inplace else {}
         for i, block in enumerate(self.blocks):
-            x, new_cache[f"k{i}"], new_cache[f"v{i}"] = block.step(x, cos, sin, cache[f"k{i}"], cache[f"v{i}"], store, bias)
+            names = (f"k{i}", f"v{i}")
+            before = [ring_read(cache[n], at) for n in names] if step_mask is not None else [None, None]
+            x, *written = block.step(x, cos, sin, cache[names[0]], cache[names[1]], put, bias)
+            for name, buffer, old in zip(names, written, before):
+                new_cache[name] = buffer if old is None else ring_restore(buffer, old, at, step_mask, restore_inplace)
+        if step_mask is not None:
+            valid = torch.where(step_mask.unsqueeze(-1), valid, cache["valid"])
+        advanced = step + (1 if step_mask is None else step_mask.long())  # (B,)
         if inplace:
             cache["valid"].copy_(valid)
-            cache["step"].add_(write.long())
+            cache["step"].copy_(advanced)
         else:
-            new_cache["valid"], new_cache["step"] = valid, step + write.long()
+            new_cache["valid"], new_cache["step"] = valid, advanced
         x = self.ln_f(x)
         return self.head(x, x), new_cache

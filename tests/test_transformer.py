@@ -148,6 +148,41 @@ def test_inplace_step_updates_the_given_cache():
     assert cache["step"].tolist() == [3, 4, 6]
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_masked_rows_look_ahead_and_leave_the_cache(inplace):
+    """A row with step_mask False gets the output it would get if kept (a bootstrap step), and its cache stays."""
+    policy = make_policy(context=4)
+    inputs, _ = padded_trial(policy)
+    with torch.no_grad():
+        cache = policy.initial_cache(3)
+        for t in range(6):  # the ring is full and wraps around at the masked steps
+            step_inputs = tuple(x[:, t] for x in inputs)
+            before = {k: v.clone() for k, v in cache.items()}
+            kept, _ = policy(*step_inputs, cache={k: v.clone() for k, v in cache.items()}, isolate_episodes=True)
+            mask = torch.tensor([False, True, t % 2 == 0])
+            out, cache = policy(*step_inputs, cache=cache, isolate_episodes=True, step_mask=mask, inplace=inplace)
+            assert_outputs_close(out, kept, atol=1e-6)
+            for k in cache:
+                assert torch.equal(cache[k][~mask], before[k][~mask]), k
+            assert (cache["k0"][mask] != before["k0"][mask]).any()
+
+
+def test_masked_step_mode_gradients_match_sequence_mode():
+    """Differentiating through step mode with a step mask (out of place) gives sequence mode's gradients."""
+    policy = make_policy(dtype=torch.float64)
+    inputs, valid = padded_trial(policy, 4)
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    params = dict(policy.named_parameters())
+
+    def total(out: PolicyOutput) -> torch.Tensor:
+        return (out.value * valid).sum() + ((out.dist + out.log_std).sum(-1) * valid).sum()
+
+    seq_grads = torch.autograd.grad(total(policy(*inputs, isolate_episodes=True, valid=valid)), list(params.values()))
+    step_grads = torch.autograd.grad(total(run_steps(policy, inputs, True, valid)), list(params.values()))
+    for name, a, b in zip(params, seq_grads, step_grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=name)
+
+
 @pytest.mark.filterwarnings("error:There is a performance drop")  # no per-sample fallback under vmap
 @pytest.mark.parametrize("action", ["box", "discrete"])
 def test_vmap_inplace_step_equals_loop(action):
