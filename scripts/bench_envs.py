@@ -7,7 +7,6 @@ Random actions (a pre-drawn pool, cycled); default env settings (action validati
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ import torch
 
 import metarl
 from metarl.evaluation import random_actions
-from metarl.machine import machine_info
+from metarl.machine import benchmark_parser, machine_info, write_results
 
 BATCHED_N = (1, 64, 1024, 16384)
 SYNC_N = (64, 1024)
@@ -100,19 +99,11 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--quick", action="store_true", help="short timings (a smoke test)")
+    parser = benchmark_parser(__doc__, "short timings (a smoke test)")
     parser.add_argument("--device", default="cpu", help="torch device of the batched envs")
-    parser.add_argument("--markdown", help="also write a markdown table to this file")
     args = parser.parse_args()
     result = run(args.quick, args.device)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(result))
-    print(markdown(result))
+    write_results(result, args.out, markdown(result), args.markdown)
 
 
 if __name__ == "__main__":

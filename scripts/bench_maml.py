@@ -21,7 +21,6 @@ records why.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.metadata
 import json
@@ -41,7 +40,7 @@ from metarl.agents.maml import MAMLConfig, adapt, outer_surrogate, support_advan
 from metarl.agents.mlp import MLPConfig, MLPPolicy
 from metarl.agents.policy import HistoryPolicy, PolicyOutput
 from metarl.agents.transformer import TransformerConfig, TransformerPolicy
-from metarl.machine import machine_info
+from metarl.machine import benchmark_parser, machine_info, write_results
 from metarl.rollout import collect, make_rollout_env
 from metarl.trajectories import Trajectories
 
@@ -366,10 +365,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--quick", action="store_true", help="small meta-batches, 1 repeat (a smoke test)")
-    parser.add_argument("--markdown", help="also write a markdown table to this file")
+    parser = benchmark_parser(__doc__, "small meta-batches, 1 repeat (a smoke test)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile batched and the per-task loop at the largest meta-batch (torch.profiler)")
@@ -377,12 +373,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.quick, args.profile)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(result))
-    print(markdown(result))
+    write_results(result, args.out, markdown(result), args.markdown)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -21,7 +20,7 @@ from torch.func import stack_module_state
 import metarl
 from metarl.agents.mlp import MLPConfig, MLPPolicy
 from metarl.agents.transformer import TransformerConfig, TransformerPolicy
-from metarl.machine import machine_info
+from metarl.machine import benchmark_parser, machine_info, write_results
 from metarl.rollout import collect, make_rollout_env
 
 N = 1024
@@ -116,19 +115,11 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke test)")
+    parser = benchmark_parser(__doc__, "fewer repetitions (a smoke test)")
     parser.add_argument("--device", default="cpu", help="torch device")
-    parser.add_argument("--markdown", help="also write a markdown table to this file")
     args = parser.parse_args()
     result = run(args.quick, torch.device(args.device))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(result))
-    print(markdown(result))
+    write_results(result, args.out, markdown(result), args.markdown)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,12 @@ script resumes an interrupted run from its last checkpoint. "wall clock" is the 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from metarl.checkpoint import latest_checkpoint
 from metarl.config import build_config
-from metarl.machine import machine_info
+from metarl.machine import benchmark_parser, machine_info, write_results
 from metarl.train import TrainConfig, run_training
 
 PUBLISHED = {"MAML-TRPO (Finn et al. 2017)": [-40.4, -11.7, -3.33, -3.23], "pretrained": [-40.8, -19.7, -11.7, -8.5],
@@ -79,29 +76,21 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--quick", action="store_true", help="tiny budget (a smoke test, not a result)")
+    parser = benchmark_parser(__doc__, "tiny budget (a smoke test, not a result)")
     parser.add_argument("--iterations", type=int, default=500, help="meta-iterations per agent (the paper: up to 500)")
     parser.add_argument("--agents", default="mlp", help=f"comma-separated, from {sorted(AGENTS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default="runs/reproduce_maml", help="parent folder of the run directories")
-    parser.add_argument("--markdown", help="also write a markdown table to this file")
     args = parser.parse_args()
     names = [a.strip() for a in args.agents.split(",") if a.strip()]
     unknown = sorted(set(names) - set(AGENTS))
     if unknown:
         parser.error(f"unknown agent(s) {unknown}; choose from {sorted(AGENTS)}")
     iterations = 2 if args.quick else args.iterations
-    torch.set_num_threads(torch.get_num_threads())
     runs = [run_agent(name, iterations, Path(args.runs), args.quick, args.seed) for name in names]
     result = {"benchmark": "reproduce_maml", "quick": args.quick, "machine": machine_info(), "published": PUBLISHED,
               "target": "after 1 step >= -11.7", "runs": runs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    if args.markdown:
-        Path(args.markdown).write_text(markdown(result))
-    print(markdown(result))
+    write_results(result, args.out, markdown(result), args.markdown)
 
 
 if __name__ == "__main__":
