@@ -242,6 +242,24 @@ def _ratio(policy: HistoryPolicy, params: Params, traj: Trajectories, old_log_pr
     return torch.exp(_zero_padding(logp - old_log_probs, traj.valid))
 
 
+def _ratio_objective(
+    policy: HistoryPolicy, adapted_params: Params, query: Trajectories, old_log_probs: Tensor, advantages: Tensor,
+    isolate_episodes: bool, clip: float | None,
+) -> Tensor:
+    """Mean over tasks of -(mean over valid steps of r A), or of PPO's min(r A, clip(r) A) when `clip` is set."""
+    _check_task_tensor("old_log_probs", old_log_probs, query)
+    _check_task_tensor("advantages", advantages, query)
+
+    def one(traj: Trajectories, p: Params, old: Tensor, adv: Tensor) -> Tensor:
+        ratio, adv = _ratio(policy, p, traj, old, isolate_episodes), _zero_padding(adv, traj.valid)  # (E, T)
+        objective = ratio * adv
+        if clip is not None:
+            objective = torch.minimum(objective, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
+        return -_masked_mean(objective, traj.valid)
+
+    return _over_tasks(one, query, adapted_params, old_log_probs, advantages).mean()
+
+
 def outer_surrogate(
     policy: HistoryPolicy,
     adapted_params: Params,
@@ -254,14 +272,7 @@ def outer_surrogate(
 
     `adapted_params` stacked ``[N, ...]`` (from `adapt`); `old_log_probs`, `advantages` ``[N, E, T]`` (constants).
     """
-    _check_task_tensor("old_log_probs", old_log_probs, query)
-    _check_task_tensor("advantages", advantages, query)
-
-    def one(traj: Trajectories, p: Params, old: Tensor, adv: Tensor) -> Tensor:
-        ratio, adv = _ratio(policy, p, traj, old, isolate_episodes), _zero_padding(adv, traj.valid)  # (E, T)
-        return -_masked_mean(ratio * adv, traj.valid)
-
-    return _over_tasks(one, query, adapted_params, old_log_probs, advantages).mean()
+    return _ratio_objective(policy, adapted_params, query, old_log_probs, advantages, isolate_episodes, None)
 
 
 def ppo_outer_loss(
@@ -276,15 +287,7 @@ def ppo_outer_loss(
     """PPO clipped loss: mean over tasks of -(mean over valid steps of min(r A, clip(r, 1 - clip, 1 + clip) A))."""
     if clip <= 0:
         raise ValueError(f"clip must be > 0, got {clip}")
-    _check_task_tensor("old_log_probs", old_log_probs, query)
-    _check_task_tensor("advantages", advantages, query)
-
-    def one(traj: Trajectories, p: Params, old: Tensor, adv: Tensor) -> Tensor:
-        ratio, adv = _ratio(policy, p, traj, old, isolate_episodes), _zero_padding(adv, traj.valid)  # (E, T)
-        clipped = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
-        return -_masked_mean(clipped, traj.valid)
-
-    return _over_tasks(one, query, adapted_params, old_log_probs, advantages).mean()
+    return _ratio_objective(policy, adapted_params, query, old_log_probs, advantages, isolate_episodes, clip)
 
 
 def outer_kl(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import gymnasium as gym
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -64,16 +65,17 @@ def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_
 
     obs_space_dim = env.single_observation_space.shape
     dtype = torch.float32
+    action_dtype = torch.long if isinstance(env.single_action_space, gym.spaces.Discrete) else dtype
     cache = policy.initial_cache(b, device, dtype)
     zero_action = policy.encode_prev_action(torch.zeros((b, *env.single_action_space.shape), device=device,
-                                                        dtype=torch.long if env._discrete else dtype))
+                                                        dtype=action_dtype))
     prev_action = torch.zeros_like(zero_action)
     prev_reward = torch.zeros(b, device=device)
     shape = (b, episodes_per_trial, t_max)
     buf = {
         "obs": torch.zeros((*shape, *obs_space_dim), device=device),
         "actions": torch.zeros((*shape, *env.single_action_space.shape), device=device,
-                               dtype=torch.long if env._discrete else dtype),
+                               dtype=action_dtype),
         "rewards": torch.zeros(shape, device=device),
         "terminated": torch.zeros(shape, dtype=torch.bool, device=device),
         "truncated": torch.zeros(shape, dtype=torch.bool, device=device),
