@@ -103,12 +103,13 @@ def predict(learner, observation: np.ndarray | Tensor, state: dict[str, Tensor] 
     step = policy_step_fn(policy, params if not shared else {k: v.detach() for k, v in policy.named_parameters()},
                           not shared, b, 1, False)
     with torch.no_grad():
-        out, cache = step(obs, state["prev_action"], prev_reward, start, state["cache"], torch.ones_like(start))
+        out, cache = step(obs, state["prev_action"], prev_reward, start, state["cache"], torch.ones_like(start), None)
         if deterministic:
             action = policy.mode_action(out)
         else:
             noise_gen = generator or torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,))))
             action = policy.sample_action(out, policy.action_noise(b, noise_gen, device))
     new_state = {"cache": cache, "prev_action": policy.encode_prev_action(action), "action": action}
+    action = policy.env_action(action)  # what the environment takes (rescaled to the Box bounds)
     action = action[0] if single else action
     return (action.cpu().numpy() if as_numpy else action), new_state

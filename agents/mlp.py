@@ -32,6 +32,8 @@ class MLPConfig:
     """Nonlinearity after each hidden layer."""
     init_log_std: float = 0.0
     """Initial log standard deviation of the Gaussian policy (Box actions)."""
+    normalize_actions: bool = True
+    """Box actions with finite bounds: act in [-1, 1] and rescale linearly to [low, high] for the environment."""
     value_hidden: tuple[int, ...] = ()
     """Hidden widths of the separate value network on the observation; () means a linear value."""
 
@@ -54,8 +56,9 @@ class MLPPolicy(HistoryPolicy):
     """Feed-forward policy with the Transformer's call signature (sequence mode ``[B, T, ..]``, step mode ``[B, ..]``)."""
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, config: MLPConfig | None = None):
-        super().__init__(observation_space, action_space)
-        self.config = config or MLPConfig()
+        config = config or MLPConfig()
+        super().__init__(observation_space, action_space, config.normalize_actions)
+        self.config = config
         cfg = self.config
         self.trunk = mlp((self.spec.obs_dim,) + cfg.hidden, cfg.activation)
         self.value_trunk = mlp((self.spec.obs_dim,) + cfg.value_hidden, cfg.activation)
@@ -79,17 +82,18 @@ class MLPPolicy(HistoryPolicy):
     def forward(
         self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor,
         cache: Cache, isolate_episodes: bool = False, *, step_mask: Tensor | None = None, inplace: bool = False,
+        history_bound: int | None = None,
     ) -> tuple[PolicyOutput, Cache]: ...
 
     def forward(
         self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor,
         cache: Cache | None = None, isolate_episodes: bool = False, *, valid: Tensor | None = None,
-        step_mask: Tensor | None = None, inplace: bool = False,
+        step_mask: Tensor | None = None, inplace: bool = False, history_bound: int | None = None,
     ) -> PolicyOutput | tuple[PolicyOutput, Cache]:
         """Sequence mode when `cache` is None, else one step returning the same cache dict, unchanged."""
         step = cache is not None
         check_inputs(self.spec, obs, prev_action, prev_reward, episode_start, step=step)
-        check_mode_kwargs(step, valid, step_mask, inplace)
+        check_mode_kwargs(step, valid, step_mask, inplace, history_bound)
         check_mask(step_mask if step else valid, tuple(episode_start.shape), "step_mask" if step else "valid")
         x = obs.to(self.head.dist.weight.dtype)
         out = self.head(self.trunk(x), self.value_trunk(x))

@@ -127,12 +127,17 @@ def check_mask(mask: Tensor | None, lead: tuple[int, ...], name: str) -> None:
         raise TypeError(f"{name} must be torch.bool, got {mask.dtype}")
 
 
-def check_mode_kwargs(step: bool, valid: Tensor | None, step_mask: Tensor | None, inplace: bool) -> None:
-    """Raises for an option of the other mode: ``valid`` is for sequence mode, ``step_mask`` and ``inplace`` for step mode."""
+def check_mode_kwargs(step: bool, valid: Tensor | None, step_mask: Tensor | None, inplace: bool,
+                      history_bound: int | None = None) -> None:
+    """Raises for an option of the other mode (``valid`` is for sequence mode, ``step_mask``, ``inplace`` and
+    ``history_bound`` for step mode) and for a ``history_bound`` below 1."""
     if step and valid is not None:
         raise ValueError("valid is a sequence-mode mask ([B, T]); in step mode pass step_mask ([B])")
-    if not step and (step_mask is not None or inplace):
-        raise ValueError("step_mask and inplace need step mode (a cache); in sequence mode pass valid ([B, T])")
+    if not step and (step_mask is not None or inplace or history_bound is not None):
+        raise ValueError("step_mask, inplace and history_bound need step mode (a cache); in sequence mode pass valid "
+                         "([B, T])")
+    if history_bound is not None and history_bound < 1:
+        raise ValueError(f"history_bound must be >= 1 (the step being taken counts), got {history_bound}")
 
 
 def _check(x: Tensor, expected: tuple[int, ...], name: str) -> None:
@@ -172,11 +177,19 @@ class HistoryPolicy(nn.Module):
     needs besides ``forward`` and ``initial_cache``; `entropy` and `kl` serve the learners.
     """
 
-    def __init__(self, observation_space: spaces.Space, action_space: spaces.Space):
+    action_low: Tensor
+    action_high: Tensor
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, normalize_actions: bool = True):
         super().__init__()
         self.spec = SpaceSpec.from_spaces(observation_space, action_space)
         self.observation_space = observation_space
         self.action_space = action_space
+        bounded = isinstance(action_space, spaces.Box) and bool(action_space.is_bounded("both"))
+        self.normalize_actions = normalize_actions and bounded
+        if self.normalize_actions:  # not persistent: they follow from the action space
+            self.register_buffer("action_low", torch.as_tensor(action_space.low, dtype=torch.float32), persistent=False)
+            self.register_buffer("action_high", torch.as_tensor(action_space.high, dtype=torch.float32), persistent=False)
 
     @property
     def discrete(self) -> bool:
@@ -201,6 +214,19 @@ class HistoryPolicy(nn.Module):
     def sample_action(self, out: PolicyOutput, noise: Tensor) -> Tensor:
         """An action per row from `noise` (see `action_noise`): Box ``[.., A]``, Discrete int64 ``[..]``."""
         return D.sample(out, noise)
+
+    def env_action(self, action: Tensor) -> Tensor:
+        """The action the environment receives for a policy action.
+
+        With ``normalize_actions`` and a Box with finite bounds, the policy acts in [-1, 1] per dimension and this
+        maps the action, clipped to [-1, 1], linearly onto [low, high] (as Stable-Baselines3's action rescaling and
+        rllab's ``normalize`` do), so that the initial Gaussian (std 1) explores the whole range. Otherwise the
+        action as it is. Trajectories keep the policy's actions (what `log_prob` scores).
+        """
+        if not self.normalize_actions:
+            return action
+        low, high = self.action_low.to(action), self.action_high.to(action)
+        return low + (action.clamp(-1.0, 1.0) + 1.0) * 0.5 * (high - low)
 
     def mode_action(self, out: PolicyOutput) -> Tensor:
         """The deterministic action: the mean (Box ``[.., A]``) or the most likely index (Discrete ``[..]``)."""

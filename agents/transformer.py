@@ -52,6 +52,8 @@ class TransformerConfig:
     "sdpa": torch.nn.functional.scaled_dot_product_attention, faster, no double backward."""
     init_log_std: float = 0.0
     """Initial log standard deviation of the Gaussian policy (Box actions)."""
+    normalize_actions: bool = True
+    """Box actions with finite bounds: act in [-1, 1] and rescale linearly to [low, high] for the environment."""
     rope_base: float = 10000.0
     """Base of the rotary frequencies: pair k of a head rotates by position * rope_base^(-2k / head_dim)."""
 
@@ -127,12 +129,6 @@ def ring_slots(slot: Tensor, n_heads: int, context: int) -> Tensor:
     return ((rows * n_heads + heads) * context + slot.unsqueeze(-1)).reshape(-1)  # (B * nh,)
 
 
-def ring_read(buffer: Tensor, at: Tensor) -> Tensor:
-    """The contents ``(B, nh, hs)`` of the ring slots `at` (from `ring_slots`) of ``buffer (B, nh, C, hs)``."""
-    hs = buffer.shape[-1]
-    return buffer.reshape(-1, hs).index_select(0, at).view(buffer.shape[0], buffer.shape[1], hs)
-
-
 def ring_write(buffer: Tensor, value: Tensor, at: Tensor, inplace: bool) -> Tensor:
     """Puts ``value (B, nh, hs)`` at the ring slots `at` (from `ring_slots`) of ``buffer (B, nh, C, hs)``, in place
     (through a view: raises rather than writing into a copy) or on a copy. ``index_put_`` has a batching rule under
@@ -143,11 +139,6 @@ def ring_write(buffer: Tensor, value: Tensor, at: Tensor, inplace: bool) -> Tens
         buffer.view(-1, hs).index_put_((at,), rows)
         return buffer
     return buffer.reshape(-1, hs).index_put((at,), rows).view(buffer.shape)
-
-
-def ring_restore(written: Tensor, before: Tensor, at: Tensor, write: Tensor, inplace: bool) -> Tensor:
-    """Puts the slot contents ``before (B, nh, hs)`` back into ``written (B, nh, C, hs)`` in the rows without ``write (B,)``."""
-    return ring_write(written, torch.where(write.view(-1, 1, 1), ring_read(written, at), before), at, inplace)
 
 
 def step_positions(episode_start: Tensor, valid: Tensor | None) -> Tensor:
@@ -207,11 +198,12 @@ class SelfAttention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, store: Store, bias: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One step: x ``(B, d)``, cos/sin ``(B, hs/2)``, caches ``(B, nh, C, hs)``, `store` writes this step's key
-        and value into a cache (every row), bias ``(B * nh, 1, C)`` (`step_bias` of the slots to attend to after the
-        write). Returns y ``(B, d)`` and the written k, v caches."""
+        and value into a cache (every row), bias ``(B * nh, 1, S)`` (`step_bias` of the slots to attend to after the
+        write; only the first S <= C slots are read). Returns y ``(B, d)`` and the written k, v caches."""
         q, k, v = self._heads(x, cos, sin)  # (B, nh, hs)
         k_cache, v_cache = store(k_cache, k), store(v_cache, v)  # (B, nh, C, hs)
-        y = attend_one(q, k_cache, v_cache, bias)  # (B, nh, hs)
+        span = bias.shape[-1]
+        y = attend_one(q, k_cache[:, :, :span], v_cache[:, :, :span], bias)  # (B, nh, hs)
         return self.proj(y.reshape(x.shape)), k_cache, v_cache
 
 
@@ -251,11 +243,16 @@ class TransformerPolicy(HistoryPolicy):
 
     Step mode: the same inputs without T and ``cache`` from `initial_cache` or the previous step -> (PolicyOutput
     with ``dist [B, A]``, ``value [B]``; the new cache). ``step_mask [B]`` bool (default all True): rows with False
-    leave their cache as it was, so stepping with ``step_mask=m[:, t]`` gives sequence mode with ``valid=m``;
+    do not record their step (their next step attends to what it would have attended to without it; the ring slot
+    it passed through may hold its keys until then), so stepping with ``step_mask=m[:, t]`` gives sequence mode with ``valid=m``;
     their outputs are those the step would have if it were kept (a look-ahead, e.g. a bootstrap value). By
     default the given cache is never modified; with ``inplace=True`` (rollouts under ``torch.no_grad``, also
     under ``torch.func.vmap`` with a batched cache) its tensors are updated in place and the same dict is
     returned, which skips copying the whole cache each step.
+
+    ``history_bound`` (step mode): an upper bound on the steps any row will have written after this one (its
+    ``cache["step"] + 1``). Until the ring buffer wraps, only the first ``history_bound`` slots can hold steps, so
+    attention reads only those; the outputs are the same. A rollout knows it from the step count of the trial.
 
     With ``isolate_episodes=True`` a step attends only to steps of its own episode (in step mode, a kept step whose
     ``episode_start`` is True clears its row's cache first).
@@ -266,8 +263,9 @@ class TransformerPolicy(HistoryPolicy):
     def __init__(
         self, observation_space: spaces.Space, action_space: spaces.Space, config: TransformerConfig | None = None
     ):
-        super().__init__(observation_space, action_space)
-        self.config = config or TransformerConfig()
+        config = config or TransformerConfig()
+        super().__init__(observation_space, action_space, config.normalize_actions)
+        self.config = config
         cfg = self.config
         head_dim = cfg.d_model // cfg.n_heads
         self.embed = nn.Linear(self.spec.token_dim, cfg.d_model)
@@ -320,22 +318,23 @@ class TransformerPolicy(HistoryPolicy):
     def forward(
         self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor,
         cache: Cache, isolate_episodes: bool = False, *, step_mask: Tensor | None = None, inplace: bool = False,
+        history_bound: int | None = None,
     ) -> tuple[PolicyOutput, Cache]: ...
 
     def forward(
         self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, episode_start: Tensor,
         cache: Cache | None = None, isolate_episodes: bool = False, *, valid: Tensor | None = None,
-        step_mask: Tensor | None = None, inplace: bool = False,
+        step_mask: Tensor | None = None, inplace: bool = False, history_bound: int | None = None,
     ) -> PolicyOutput | tuple[PolicyOutput, Cache]:
         """Sequence mode when `cache` is None, else one step with the cache (see the class docstring)."""
         step = cache is not None
         check_inputs(self.spec, obs, prev_action, prev_reward, episode_start, step=step)
-        check_mode_kwargs(step, valid, step_mask, inplace)
+        check_mode_kwargs(step, valid, step_mask, inplace, history_bound)
         check_mask(step_mask if step else valid, tuple(episode_start.shape), "step_mask" if step else "valid")
         x = self.embed(make_token(obs, prev_action, prev_reward, episode_start, self.embed.weight.dtype))
         if cache is None:
             return self._sequence(x, episode_start, isolate_episodes, valid)
-        return self._step(x, episode_start, cache, isolate_episodes, step_mask, inplace)
+        return self._step(x, episode_start, cache, isolate_episodes, step_mask, inplace, history_bound)
 
     def _sequence(self, x: Tensor, episode_start: Tensor, isolate_episodes: bool, valid: Tensor | None) -> PolicyOutput:
         """x ``(B, T, d)`` -> outputs ``[B, T, ..]``."""
@@ -348,10 +347,12 @@ class TransformerPolicy(HistoryPolicy):
         return self.head(x, x)
 
     def _step(
-        self, x: Tensor, episode_start: Tensor, cache: Cache, isolate_episodes: bool, step_mask: Tensor | None, inplace: bool
+        self, x: Tensor, episode_start: Tensor, cache: Cache, isolate_episodes: bool, step_mask: Tensor | None,
+        inplace: bool, history_bound: int | None,
     ) -> tuple[PolicyOutput, Cache]:
         """x ``(B, d)`` -> outputs ``[B, ..]`` and the cache after this step (the same dict when `inplace`)."""
         context = self.config.context
+        span = context if history_bound is None else min(context, history_bound)  # slots that can hold a step
         expected = (x.shape[0], context)
         if tuple(cache["valid"].shape) != expected:
             raise ValueError(f"cache['valid'] has shape {tuple(cache['valid'].shape)}, expected {expected} (batch, context)")
@@ -364,16 +365,13 @@ class TransformerPolicy(HistoryPolicy):
         if isolate_episodes:
             valid = valid & ~episode_start.unsqueeze(-1)
         valid = valid | at_slot  # (B, C): the slots to attend to once this step is written
-        bias = step_bias(valid, self.config.n_heads, x.dtype)  # (B * nh, 1, C)
+        bias = step_bias(valid[:, :span], self.config.n_heads, x.dtype)  # (B * nh, 1, S)
         put = partial(ring_write, at=at, inplace=inplace)
-        restore_inplace = inplace or not torch.is_grad_enabled()  # the written copies are ours when nothing records them
         new_cache = cache if inplace else {}
         for i, block in enumerate(self.blocks):
-            names = (f"k{i}", f"v{i}")
-            before = [ring_read(cache[n], at) for n in names] if step_mask is not None else [None, None]
-            x, *written = block.step(x, cos, sin, cache[names[0]], cache[names[1]], put, bias)
-            for name, buffer, old in zip(names, written, before):
-                new_cache[name] = buffer if old is None else ring_restore(buffer, old, at, step_mask, restore_inplace)
+            # every row writes its slot; a masked row does not advance, so its next step overwrites that slot before
+            # anything reads it, and the entry it replaced (position step - C) is outside every later window
+            x, new_cache[f"k{i}"], new_cache[f"v{i}"] = block.step(x, cos, sin, cache[f"k{i}"], cache[f"v{i}"], put, bias)
         if step_mask is not None:
             valid = torch.where(step_mask.unsqueeze(-1), valid, cache["valid"])
         advanced = step + (1 if step_mask is None else step_mask.long())  # (B,)

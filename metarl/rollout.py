@@ -27,6 +27,8 @@ class RolloutPolicy(Protocol):
 
     def sample_action(self, out: Any, noise: Tensor) -> Tensor: ...
 
+    def env_action(self, action: Tensor) -> Tensor: ...
+
     def mode_action(self, out: Any) -> Tensor: ...
 
     def log_prob(self, out: Any, action: Tensor) -> Tensor: ...
@@ -93,12 +95,13 @@ def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_
         alive = torch.ones(b, dtype=torch.bool, device=device)
         start = torch.ones(b, dtype=torch.bool, device=device)
         for t in range(t_max):
-            out, cache = step(obs, prev_action, prev_reward, start, cache, alive)  # ended rows keep their history
+            keep = None if bool(alive.all()) else alive  # ended rows keep their history; no mask while all run
+            out, cache = step(obs, prev_action, prev_reward, start, cache, keep, e * t_max + t + 1)
             if deterministic:
                 action = policy.mode_action(out)
             else:
                 action = policy.sample_action(out, policy.action_noise(b, generator, device))
-            next_obs, reward, terminated, truncated, _ = env.step(action)
+            next_obs, reward, terminated, truncated, _ = env.step(policy.env_action(action))
             for name, value in (("obs", obs), ("actions", action), ("rewards", reward * alive),
                                 ("terminated", terminated & alive), ("truncated", truncated & alive & ~terminated),
                                 ("valid", alive), ("log_probs", policy.log_prob(out, action)), ("values", out.value),
@@ -112,7 +115,7 @@ def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_
             start = torch.zeros_like(start)
             obs = next_obs
             if cut.any():
-                boot, _ = step(next_obs, prev_action, prev_reward, start, cache, torch.zeros_like(cut))
+                boot, _ = step(next_obs, prev_action, prev_reward, start, cache, torch.zeros_like(cut), e * t_max + t + 2)
                 last_value[:, e] = torch.where(cut, boot.value, last_value[:, e])
             if not alive.any():
                 break
@@ -125,16 +128,16 @@ def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_
 
 
 def policy_step_fn(policy: nn.Module, params: dict[str, Tensor], per_task: bool, n: int, m: int, isolate: bool):
-    """One cached policy step over the flat batch B = n * m, with shared or per-task parameters."""
+    """One cached policy step over the flat batch B = n * m, with shared or per-task parameters; its last argument
+    bounds the steps any row's history holds after it (the policy's ``history_bound``)."""
 
-    def call(p, obs, prev_action, prev_reward, start, cache, step_mask):
+    def call(p, obs, prev_action, prev_reward, start, cache, step_mask, bound):
         return functional_call(policy, p, (obs, prev_action, prev_reward, start),
-                               {"cache": cache, "isolate_episodes": isolate, "step_mask": step_mask, "inplace": True})
+                               {"cache": cache, "isolate_episodes": isolate, "step_mask": step_mask, "inplace": True,
+                                "history_bound": bound})
 
     if not per_task:
         return lambda *args: call(params, *args)
-
-    batched = vmap(call)
 
     def split(x: Tensor) -> Tensor:
         return x.reshape(n, m, *x.shape[1:])
@@ -142,9 +145,11 @@ def policy_step_fn(policy: nn.Module, params: dict[str, Tensor], per_task: bool,
     def merge(x: Tensor) -> Tensor:
         return x.reshape(n * m, *x.shape[2:])
 
-    def step(obs, prev_action, prev_reward, start, cache, step_mask):
+    def step(obs, prev_action, prev_reward, start, cache, step_mask, bound):
+        batched = vmap(call, in_dims=(0, 0, 0, 0, 0, 0, None if step_mask is None else 0, None))
         out, new_cache = batched(params, split(obs), split(prev_action), split(prev_reward), split(start),
-                                 {k: split(v) for k, v in cache.items()}, split(step_mask))
+                                 {k: split(v) for k, v in cache.items()}, None if step_mask is None else split(step_mask),
+                                 bound)
         return type(out)(*(merge(v) if v.dim() >= 2 and v.shape[:2] == (n, m) else v for v in out)), \
             {k: merge(v) for k, v in new_cache.items()}
 

@@ -20,7 +20,7 @@ class Trajectories:
     """
 
     obs: Tensor  # (N, E, T, D)
-    actions: Tensor  # (N, E, T, A) float for Box, (N, E, T) long for Discrete
+    actions: Tensor  # (N, E, T, A) float for Box, (N, E, T) long for Discrete; the policy's (see HistoryPolicy.env_action)
     rewards: Tensor  # (N, E, T)
     terminated: Tensor  # (N, E, T) bool: the episode ended in a terminal state at this step
     truncated: Tensor  # (N, E, T) bool: the episode was cut at the horizon at this step

@@ -228,3 +228,17 @@ def test_log_std_aligned_on_leading_dims():
     ref = Normal(dist, log_std.unsqueeze(1).exp())
     torch.testing.assert_close(D.log_prob(per_task, action, False), ref.log_prob(action).sum(-1))
     torch.testing.assert_close(D.entropy(per_task, False), ref.entropy().sum(-1))
+
+
+def test_box_actions_are_rescaled_to_the_bounds_for_the_env():
+    """With normalize_actions (default) the policy acts in [-1, 1]; env_action maps that onto [low, high], clipped."""
+    box = spaces.Box(low=np.array([-0.1, 0.0], dtype=np.float32), high=np.array([0.1, 2.0], dtype=np.float32))
+    obs_space = spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    policy = MLPPolicy(obs_space, box)
+    action = torch.tensor([[-1.0, 1.0], [0.0, 0.0], [5.0, -3.0]])
+    expected = torch.tensor([[-0.1, 2.0], [0.0, 1.0], [0.1, 0.0]])
+    torch.testing.assert_close(policy.env_action(action), expected)
+    raw = MLPPolicy(obs_space, box, MLPConfig(normalize_actions=False))
+    assert torch.equal(raw.env_action(action), action)
+    unbounded = MLPPolicy(obs_space, spaces.Box(-np.inf, np.inf, (2,), np.float32))
+    assert not unbounded.normalize_actions and torch.equal(unbounded.env_action(action), action)

@@ -149,22 +149,37 @@ def test_inplace_step_updates_the_given_cache():
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-def test_masked_rows_look_ahead_and_leave_the_cache(inplace):
-    """A row with step_mask False gets the output it would get if kept (a bootstrap step), and its cache stays."""
+def test_masked_rows_look_ahead_and_leave_no_trace(inplace):
+    """A row with step_mask False gets the output it would get if kept (a bootstrap step), and afterwards it acts as
+    if that step never happened: a probe step from its cache equals one from a cache fed only its kept steps."""
     policy = make_policy(context=4)
     inputs, _ = padded_trial(policy)
+    obs, prev_action, prev_reward, start = (x[:, 1] for x in inputs)
+    probe = (obs, prev_action, prev_reward, torch.zeros_like(start))  # continues the episode: reads the history
+    refs = [policy.initial_cache(1) for _ in range(3)]  # row b's cache fed only its kept steps
+
+    def row(x, b):
+        return x[b:b + 1]
+
+    def copy(c):
+        return {k: v.clone() for k, v in c.items()}
+
     with torch.no_grad():
         cache = policy.initial_cache(3)
         for t in range(6):  # the ring is full and wraps around at the masked steps
             step_inputs = tuple(x[:, t] for x in inputs)
-            before = {k: v.clone() for k, v in cache.items()}
-            kept, _ = policy(*step_inputs, cache={k: v.clone() for k, v in cache.items()}, isolate_episodes=True)
+            kept, _ = policy(*step_inputs, cache=copy(cache), isolate_episodes=True)
             mask = torch.tensor([False, True, t % 2 == 0])
             out, cache = policy(*step_inputs, cache=cache, isolate_episodes=True, step_mask=mask, inplace=inplace)
             assert_outputs_close(out, kept, atol=1e-6)
-            for k in cache:
-                assert torch.equal(cache[k][~mask], before[k][~mask]), k
-            assert (cache["k0"][mask] != before["k0"][mask]).any()
+            for b in range(3):
+                if mask[b]:
+                    _, refs[b] = policy(*(row(x, b) for x in step_inputs), cache=refs[b], isolate_episodes=True)
+                assert torch.equal(cache["step"][b:b + 1], refs[b]["step"]) and torch.equal(cache["valid"][b:b + 1],
+                                                                                             refs[b]["valid"])
+                got, _ = policy(*probe, cache=copy(cache), isolate_episodes=True)
+                want, _ = policy(*(row(x, b) for x in probe), cache=copy(refs[b]), isolate_episodes=True)
+                assert_outputs_close(PolicyOutput(*(f[b:b + 1] for f in got)), want, atol=1e-6)
 
 
 def test_masked_step_mode_gradients_match_sequence_mode():
