@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metarl.distributed import allreduce_grads_, allreduce_sum, is_distributed, shard_of
 from metarl.family import TaskFamily
 from metarl.returns import gae, normalize_advantages
 from metarl.rollout import collect, make_rollout_env
@@ -162,42 +163,65 @@ class InContextLearner:
         gen = iteration_generator(self.seed, iteration)
         collect_gen = iteration_generator(self.seed, iteration, _COLLECT_STREAM, self.device)
         tasks = self.family.sample(cfg.meta_batch, generator=gen, split="train")
-        self._env.set_tasks(tasks[torch.arange(cfg.meta_batch).repeat_interleave(cfg.trials_per_task)])
-        traj = collect(self.policy, self._env, num_tasks=cfg.meta_batch, episodes_per_trial=self.episodes_per_trial,
-                       generator=collect_gen)
-        self.env_steps += traj.num_steps
+        shard = shard_of(cfg.meta_batch) if is_distributed() else None  # this rank's tasks of the meta-batch
+        if shard is not None:
+            tasks = tasks[shard.start:shard.stop]
+            if self._env.num_envs != len(tasks) * cfg.trials_per_task:
+                self._env = make_rollout_env(self.family, tasks, cfg.trials_per_task, device=self.device, seed=self.seed)
+        self._env.set_tasks(tasks[torch.arange(len(tasks)).repeat_interleave(cfg.trials_per_task)])
+        traj = collect(self.policy, self._env, num_tasks=len(tasks), episodes_per_trial=self.episodes_per_trial,
+                       generator=collect_gen, shard=shard)
+        self.env_steps += int(allreduce_sum(torch.tensor(traj.num_steps, device=self.device)))
         adv, returns = trial_advantages(traj, cfg.gamma, cfg.gae_lambda)
-        metrics = self._ppo(traj, adv, returns, gen)
-        metrics.update(self._return_metrics(traj))
+        trial_offset = 0 if shard is None else shard.start * cfg.trials_per_task
+        metrics = self._ppo(traj, adv, returns, gen, trial_offset, cfg.meta_batch * cfg.trials_per_task)
+        metrics.update(self._return_metrics(traj, 1.0 if shard is None else shard.weight))
         metrics["time/iteration_s"] = time.perf_counter() - start
         return metrics
 
-    def _return_metrics(self, traj: Trajectories) -> dict[str, float]:
-        """Mean return of each episode position in the trial and of the whole trial."""
+    def _return_metrics(self, traj: Trajectories, weight: float = 1.0) -> dict[str, float]:
+        """Mean return of each episode position in the trial and of the whole trial (over all ranks' tasks)."""
         k = self.episodes_per_trial
         per_episode = traj.episode_returns().reshape(traj.num_tasks, -1, k)  # (N, trials, k)
-        metrics = {f"incontext/return_episode_{i}": per_episode[..., i].mean().item() for i in range(k)}
-        metrics["incontext/return_trial"] = per_episode.sum(-1).mean().item()
+        means = torch.cat([per_episode.mean(dim=(0, 1)), per_episode.sum(-1).mean().reshape(1)])  # (k + 1,)
+        if is_distributed():
+            means = allreduce_sum(weight * means.double())
+        values = means.tolist()
+        metrics = {f"incontext/return_episode_{i}": values[i] for i in range(k)}
+        metrics["incontext/return_trial"] = values[k]
         return metrics
 
-    def _ppo(self, traj: Trajectories, adv: Tensor, returns: Tensor, gen: torch.Generator) -> dict[str, float]:
-        """PPO epochs over shuffled minibatches of whole trials; returns the metrics averaged over all updates."""
+    def _ppo(self, traj: Trajectories, adv: Tensor, returns: Tensor, gen: torch.Generator, offset: int = 0,
+             total: int | None = None) -> dict[str, float]:
+        """PPO epochs over shuffled minibatches of whole trials; returns the metrics averaged over all updates.
+
+        Under torch.distributed `traj` holds trials ``[offset, offset + B)`` of `total`; minibatches are drawn over
+        all `total` trials and each rank updates with its part of them (see `_update`)."""
         cfg = self.config
         trials = trial_batch(traj)  # (B, k, T, ...)
         adv, returns = (x.reshape(trials.valid.shape) for x in (adv, returns))  # (B, k, T)
         num = trials.num_tasks
+        total = num if total is None else total
         sums: dict[str, float] = {}
         updates = 0
         for _ in range(cfg.epochs):
-            perm = torch.randperm(num, generator=gen).to(self.device)
+            perm = torch.randperm(total, generator=gen).to(self.device)
             for idx in perm.tensor_split(cfg.minibatches):
+                if total != num:  # keep this rank's trials of the global minibatch
+                    idx = idx[(idx >= offset) & (idx < offset + num)] - offset
                 stats = self._update(trials.select_tasks(idx), adv[idx], returns[idx])
                 sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
                 updates += 1
         return {k: v / updates for k, v in sums.items()}
 
     def _update(self, mb: Trajectories, adv: Tensor, returns: Tensor) -> dict[str, float]:
-        """One Adam step on the PPO loss of a minibatch of trials ``[B, k, T]``."""
+        """One Adam step on the PPO loss of a minibatch of trials ``[B, k, T]``.
+
+        Under torch.distributed each rank holds part of the minibatch (possibly none of it): means over valid
+        steps divide local sums by the global count, advantages are normalised with global statistics, and the
+        gradients and metrics are summed over ranks, so every rank takes the same step as one process would."""
+        if is_distributed():
+            return self._update_shard(mb, adv, returns)
         cfg, valid = self.config, mb.valid
         if cfg.normalize_advantages:
             adv = normalize_advantages(adv, valid, per_task=False)
@@ -219,6 +243,36 @@ class InContextLearner:
         return {"loss/policy": policy_loss.item(), "loss/value": value_loss.item(), "policy/entropy": entropy.item(),
                 "policy/approx_kl": approx_kl.item(), "policy/clip_fraction": clip_fraction.item()}
 
+    def _update_shard(self, mb: Trajectories, adv: Tensor, returns: Tensor) -> dict[str, float]:
+        """`_update` for this rank's part ``[b, k, T]`` (b >= 0) of a minibatch spread over all ranks."""
+        cfg, valid = self.config, mb.valid
+        count = allreduce_sum(valid.sum()).clamp_min(1).to(adv.dtype)  # valid steps of the whole minibatch
+
+        def mean(x: Tensor) -> Tensor:  # this rank's term of the global masked mean
+            return torch.where(valid, x, 0.0).sum() / count
+
+        if cfg.normalize_advantages:
+            centred = torch.where(valid, adv - allreduce_sum(mean(adv)), 0.0)  # (b, k, T)
+            adv = centred / (allreduce_sum(mean(centred.square())).sqrt() + 1e-8)
+        self.optimizer.zero_grad()
+        terms = torch.zeros(5, device=self.device)
+        if valid.shape[0]:
+            out = shared_policy_outputs(self.policy, self._params(), mb)
+            log_ratio = _zero_padding(self.policy.log_prob(out, _zero_padding(mb.actions, valid)) - mb.log_probs, valid)
+            ratio = log_ratio.exp()  # (b, k, T)
+            clipped = torch.minimum(ratio * adv, ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip) * adv)
+            policy_loss, value_loss = -mean(clipped), 0.5 * mean((out.value - returns).square())
+            entropy = mean(self.policy.entropy(out))
+            (policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy).backward()
+            with torch.no_grad():
+                terms = torch.stack([policy_loss, value_loss, entropy, mean((ratio - 1.0) - log_ratio),
+                                     mean(((ratio - 1.0).abs() > cfg.clip).float())]).detach()
+        allreduce_grads_(list(self.policy.parameters()), zero_missing=True)
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        keys = ("loss/policy", "loss/value", "policy/entropy", "policy/approx_kl", "policy/clip_fraction")
+        return dict(zip(keys, allreduce_sum(terms).tolist()))
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def adaptation_curve(self, tasks: Tasks, seed: int, steps: int = 0, episodes: int | None = None) -> dict[str, Any]:
@@ -232,8 +286,10 @@ class InContextLearner:
         traj = collect(self.policy, env, num_tasks=len(tasks), episodes_per_trial=episodes, seed=seed)
         per_task = traj.episode_returns().T.tolist()  # (E, N)
         means = [sum(r) / len(r) for r in per_task]
+        success = traj.terminated.any(dim=2).float().T.tolist()  # (E, N): the episode ended by termination
         return {"gradient_steps": [], "gradient_steps_per_task": [], "incontext_episodes": means,
-                "incontext_episodes_per_task": per_task}
+                "incontext_episodes_per_task": per_task, "gradient_steps_success_per_task": [],
+                "incontext_episodes_success_per_task": success}
 
     # ------------------------------------------------------------------ Stable-Baselines3-style surface
     def learn(self, iterations: int, callback=None, progress_bar: bool = False):

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from metarl.distributed import Shard, allreduce_grads_, allreduce_sum, is_distributed, shard_of, weighted_metrics
 from metarl.family import TaskFamily
 from metarl.rollout import collect, make_rollout_env
 from metarl.seeding import derive_seed, iteration_generator
@@ -106,11 +107,11 @@ class MAMLLearner:
         return self._env
 
     def _collect(self, tasks: Tasks, seed: int, params: Params | None = None, episodes: int | None = None,
-                 trials: int | None = None, deterministic: bool = False) -> Trajectories:
+                 trials: int | None = None, deterministic: bool = False, shard: Shard | None = None) -> Trajectories:
         env = self._rollout_env(tasks, trials or self.batch.trajectories_per_task)
         return collect(self.policy, env, num_tasks=len(tasks), episodes_per_trial=episodes or self.batch.episodes_per_trial,
                        params=params, per_task=params is not None, seed=seed, deterministic=deterministic,
-                       isolate_episodes=self.maml.isolate_episodes)
+                       isolate_episodes=self.maml.isolate_episodes, shard=shard)
 
     def _adapt(self, params: Params, support: Trajectories, stacked: bool = False) -> Params:
         return adapt(self.policy, params, support, self.maml, self.step_sizes if self.maml.meta_sgd else None, stacked)
@@ -121,25 +122,34 @@ class MAMLLearner:
 
     # ------------------------------------------------------------------ training
     def train_iteration(self, iteration: int) -> dict[str, float]:
-        """One meta-iteration; all its randomness derives from (seed, iteration)."""
+        """One meta-iteration; all its randomness derives from (seed, iteration).
+
+        Under torch.distributed every rank samples the same global meta-batch and collects, adapts and
+        differentiates only its shard of it (`metarl.distributed.shard_of`); losses, gradients and metrics are
+        weighted by the shard's share and summed over ranks, so they equal those of one process."""
         start = time.perf_counter()
         gen = iteration_generator(self.seed, iteration)
         seeds = torch.randint(0, 2**62, (3,), generator=gen).tolist()
         tasks = self.family.sample(self.batch.meta_batch, seeds[0], "train")
-        support = self._collect(tasks, seeds[1])
+        shard = shard_of(len(tasks)) if is_distributed() else None
+        weight = 1.0 if shard is None else shard.weight
+        tasks = tasks if shard is None else tasks[shard.start:shard.stop]
+        support = self._collect(tasks, seeds[1], shard=shard)
         adapted = self.adapt(support)
-        query = self._collect(tasks, seeds[2], params=adapted)
+        query = self._collect(tasks, seeds[2], params=adapted, shard=shard)
         advantages = linear_baseline_advantages(query, self.maml)
-        self.env_steps += support.num_steps + query.num_steps
         if self.outer.method == "trpo":
-            metrics = self._trpo_update(support, query, adapted, advantages)
+            metrics = self._trpo_update(support, query, adapted, advantages, weight)
         else:
-            metrics = self._ppo_update(support, query, advantages)
-        metrics.update({
+            metrics = self._ppo_update(support, query, advantages, weight)
+        steps = support.num_steps + query.num_steps
+        metrics.update(weighted_metrics({
             "adapt/return_step_0": support.episode_returns().mean().item(),
             "adapt/return_step_1": query.episode_returns().mean().item(),
-            "time/iteration_s": time.perf_counter() - start,
-        })
+            "env_steps": steps / weight,
+        }, weight, self.device))
+        self.env_steps += round(metrics.pop("env_steps"))
+        metrics["time/iteration_s"] = time.perf_counter() - start
         return metrics
 
     def _split(self, full: Params) -> tuple[Params, Params | None]:
@@ -147,7 +157,8 @@ class MAMLLearner:
         steps = {k[len(_STEP_PREFIX):]: v for k, v in full.items() if k.startswith(_STEP_PREFIX)}
         return params, (steps or None)
 
-    def _trpo_update(self, support: Trajectories, query: Trajectories, adapted: Params, adv: Tensor) -> dict[str, float]:
+    def _trpo_update(self, support: Trajectories, query: Trajectories, adapted: Params, adv: Tensor,
+                     weight: float = 1.0) -> dict[str, float]:
         with torch.no_grad():
             old = batched_policy_outputs(self.policy, adapted, query, self.maml.isolate_episodes)
         full = {k: v.detach().requires_grad_() for k, v in self._params().items()}
@@ -157,17 +168,19 @@ class MAMLLearner:
             params, steps = self._split(p)
             return adapt(self.policy, params, support, self.maml, steps)
 
-        def loss_fn(p: Params) -> Tensor:
-            return outer_surrogate(self.policy, adapted_of(p), query, query.log_probs, adv, self.maml.isolate_episodes)
+        def loss_fn(p: Params) -> Tensor:  # this shard's term of the global mean over tasks
+            return weight * outer_surrogate(self.policy, adapted_of(p), query, query.log_probs, adv,
+                                            self.maml.isolate_episodes)
 
         def kl_fn(p: Params) -> Tensor:
-            return outer_kl(self.policy, adapted_of(p), query, old, self.maml.isolate_episodes)
+            return weight * outer_kl(self.policy, adapted_of(p), query, old, self.maml.isolate_episodes)
 
         o = self.outer
         new, info = trpo_step(full, loss_fn, kl_fn, max_kl=o.max_kl, cg_iters=o.cg_iters, cg_damping=o.cg_damping,
-                              ls_steps=o.ls_steps, ls_ratio=o.ls_ratio)
+                              ls_steps=o.ls_steps, ls_ratio=o.ls_ratio,
+                              allreduce=allreduce_sum if is_distributed() else None)
         self._assign(new)
-        entropy = self.policy.entropy(old)[query.valid].mean().item()
+        entropy = weighted_metrics({"e": self.policy.entropy(old)[query.valid].mean().item()}, weight, self.device)["e"]
         return {"loss/outer": info["loss_after"], "loss/outer_before": info["loss_before"], "policy/kl": info["kl"],
                 "policy/entropy": entropy, "trpo/step_fraction": info["step_fraction"],
                 "trpo/accepted": float(info["accepted"]), "trpo/grad_norm": info["grad_norm"]}
@@ -180,7 +193,8 @@ class MAMLLearner:
             for name, s in (self.step_sizes or {}).items():
                 s.copy_(steps[name])  # type: ignore[index]
 
-    def _ppo_update(self, support: Trajectories, query: Trajectories, adv: Tensor) -> dict[str, float]:
+    def _ppo_update(self, support: Trajectories, query: Trajectories, adv: Tensor,
+                    weight: float = 1.0) -> dict[str, float]:
         assert self.optimizer is not None
         losses = []
         for _ in range(self.outer.ppo_epochs):
@@ -188,9 +202,10 @@ class MAMLLearner:
             loss = ppo_outer_loss(self.policy, adapted, query, query.log_probs, adv, self.maml.isolate_episodes,
                                   self.outer.ppo_clip)
             self.optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                           self.outer.max_grad_norm)
+            (weight * loss).backward()  # this shard's term of the global mean over tasks
+            trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+            allreduce_grads_(trainable)
+            torch.nn.utils.clip_grad_norm_(trainable, self.outer.max_grad_norm)
             self.optimizer.step()
             losses.append(loss.item())
         with torch.no_grad():
@@ -199,7 +214,8 @@ class MAMLLearner:
                                              self.maml.isolate_episodes)
             approx_kl = (query.log_probs - self.policy.log_prob(new_out, query.actions))[query.valid].mean().item()
             entropy = self.policy.entropy(new_out)[query.valid].mean().item()
-        return {"loss/outer": losses[-1], "loss/outer_before": losses[0], "policy/kl": approx_kl, "policy/entropy": entropy}
+        return weighted_metrics({"loss/outer": losses[-1], "loss/outer_before": losses[0], "policy/kl": approx_kl,
+                                 "policy/entropy": entropy}, weight, self.device)
 
     # ------------------------------------------------------------------ evaluation
     def adaptation_curve(self, tasks: Tasks, seed: int, steps: int = 3, episodes: int | None = None) -> dict[str, Any]:
@@ -207,10 +223,12 @@ class MAMLLearner:
         fresh trajectories of the current per-task parameters, as in the MAML paper's evaluation); with several
         episodes per trial, also the return of each episode of a trial under the final parameters."""
         per_task: list[list[float]] = []
+        success: list[list[float]] = []  # per step, per task: fraction of episodes that ended by termination
         params: Params | None = None
         for k in range(steps + 1):
             traj = self._collect(tasks, derive_seed(seed, k), params=params, episodes=episodes)
             per_task.append(traj.episode_returns().mean(dim=1).tolist())
+            success.append(traj.terminated.any(dim=2).float().mean(dim=1).tolist())
             by_episode = traj.episode_returns().reshape(len(tasks), -1, traj.episodes_per_trial).mean(dim=1)  # (N, E)
             if k < steps:
                 start = self._params() if params is None else params
@@ -218,9 +236,11 @@ class MAMLLearner:
         means = [sum(r) / len(r) for r in per_task]
         # with several episodes per trial, the in-context curve is that of the last (most adapted) parameters
         episodes_per_task = by_episode.T.tolist() if traj.episodes_per_trial > 1 else []
+        ended = traj.terminated.any(dim=2).float().reshape(len(tasks), -1, traj.episodes_per_trial).mean(dim=1)  # (N, E)
         return {"gradient_steps": means, "gradient_steps_per_task": per_task,
                 "incontext_episodes": [sum(r) / len(r) for r in episodes_per_task],
-                "incontext_episodes_per_task": episodes_per_task}
+                "incontext_episodes_per_task": episodes_per_task, "gradient_steps_success_per_task": success,
+                "incontext_episodes_success_per_task": ended.T.tolist() if traj.episodes_per_trial > 1 else []}
 
     # ------------------------------------------------------------------ Stable-Baselines3-style surface
     def learn(self, iterations: int, callback=None, progress_bar: bool = False):

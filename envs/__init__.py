@@ -14,4 +14,6 @@ _BUILTIN = {
 for _name, _entry in _BUILTIN.items():
     register_gymnasium(_name, f"metarl/{_name}-v0", _entry)
 
-__all__ = ["bandit", "cartpole_var", "pendulum_var", "point_nav", "tabular_mdp"]
+from metarl.envs import gym_adapter, mujoco  # noqa: E402  (MuJoCo families register where mujoco is installed)
+
+__all__ = ["bandit", "cartpole_var", "gym_adapter", "mujoco", "pendulum_var", "point_nav", "tabular_mdp"]

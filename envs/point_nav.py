@@ -80,7 +80,8 @@ def point_nav(horizon: int = 100) -> TaskFamily:
                      ood=Uniform(-1.0, 1.0, -0.5, 0.5), doc="goal position g")
     return TaskFamily(name="PointNav", env_id="metarl/PointNav-v0", params=(goal,), env_cls=PointNavEnv,
                       vec_env_cls=PointNavVecEnv, horizon=horizon, options={"horizon": horizon},
-                      doc="2D navigation to a goal; r = -||s' - g||, done within 0.01 of g per axis")
+                      doc="2D navigation to a goal; r = -||s' - g||, done within 0.01 of g per axis",
+                      success_on_termination=True)
 
 
 register_family("PointNav", point_nav)

@@ -1,4 +1,4 @@
-"""The `metarl` command line: `metarl envs`, `metarl train`, `metarl random-baseline`."""
+"""The `metarl` command line: `metarl envs`, `metarl train`, `metarl evaluate`, `metarl random-baseline`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def _print_envs(as_json: bool) -> None:
     for row in rows:
         print(f"{row['name']}  (gymnasium id: {row['gymnasium_id']})")
         print(f"  {row['doc']}")
+        if "splits" in row:
+            print(f"  splits: {row['splits']}")
         print(f"  observation: {row['observation_space']}")
         print(f"  action:      {row['action_space']}")
         print(f"  horizon: {row['horizon']} steps, {row['episodes_per_trial']} episode(s) per trial, options: {row['options']}")
@@ -43,14 +45,50 @@ def _random_baseline(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from metarl.config import build_config, overrides_from_namespace
+    from metarl.distributed import shutdown
     from metarl.train import TrainConfig, run_training
 
     overrides = overrides_from_namespace(args, TrainConfig)
-    if args.resume:  # the run's saved config, with any flags given now (e.g. more --iterations) on top
-        config = build_config(TrainConfig, Path(args.resume) / "config.json", overrides)
-        run_training(config, args.resume, resume=True)
-    else:
-        run_training(build_config(TrainConfig, args.config, overrides), args.run_dir)
+    try:  # under torchrun, run_training joins the process group; leave it when done
+        if args.resume:  # the run's saved config, with any flags given now (e.g. more --iterations) on top
+            config = build_config(TrainConfig, Path(args.resume) / "config.json", overrides)
+            run_training(config, args.resume, resume=True)
+        else:
+            run_training(build_config(TrainConfig, args.config, overrides), args.run_dir)
+    finally:
+        shutdown()
+
+
+def _evaluate(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    import shlex
+
+    from metarl.evaluation import evaluate_run
+    from metarl.report import table
+
+    command = shlex.join(["metarl", *argv])
+    results, paths = evaluate_run(args.run_dir, args.split, args.num_tasks, args.steps, args.episodes, args.seed,
+                                  args.baselines, args.baseline_steps, args.out, args.device, command=command)
+    print(table(results))
+    print(f"report: {paths['table'].parent} (eval.json, eval.csv, eval.png, table.md; TensorBoard: {paths['tensorboard']})")
+
+
+def _add_evaluate_parser(sub) -> None:
+    ev = sub.add_parser("evaluate", help="adaptation curves of a trained run on held-out tasks, with baselines",
+                        description="Return (and success) before adaptation, after each inner gradient step and in "
+                                    "each in-context episode on held-out tasks; mean, std and Student-t 95% CI across "
+                                    "tasks. Writes JSON, CSV, a PNG, a markdown table and TensorBoard scalars.")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="a `metarl train` run directory (config.json + checkpoints)")
+    ev.add_argument("--split", default="test", choices=("test", "ood", "both"), help="held-out split(s) (default test)")
+    ev.add_argument("--num-tasks", type=int, default=40, help="held-out tasks per split (default 40)")
+    ev.add_argument("--steps", type=int, help="inner gradient steps K (default: the run's eval_steps)")
+    ev.add_argument("--episodes", type=int, help="in-context episodes per trial (default: the agent's trial length)")
+    ev.add_argument("--seed", type=int, help="evaluation seed: tasks, rollouts, baselines (default: the run's seed)")
+    ev.add_argument("--baselines", default="", help="comma-separated: random-init,pretrained,oracle,scratch or all "
+                                                    "(default none)")
+    ev.add_argument("--baseline-steps", type=int, default=50_000,
+                    help="PPO timesteps of the pretrained and oracle baselines (default 50000)")
+    ev.add_argument("--out", help="report directory (default RUN_DIR/eval-<split>)")
+    ev.add_argument("--device", help="torch device (default: the run's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     from metarl.train import TrainConfig
 
     add_dataclass_arguments(train, TrainConfig)
+    _add_evaluate_parser(sub)
     return parser
 
 
@@ -86,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _random_baseline(args)
         elif args.command == "train":
             _train(args)
+        elif args.command == "evaluate":
+            _evaluate(args, sys.argv[1:] if argv is None else argv)
     except (KeyError, ValueError, TypeError, CheckpointError, FileNotFoundError) as err:
         print(f"metarl {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -115,4 +115,55 @@ class Dirichlet:
         return (0.0, 1.0)
 
 
-Distribution = Uniform | Normal | Dirichlet
+@dataclass(frozen=True)
+class LogUniform:
+    """Log-uniform on [low, high] (0 < low < high): log x is uniform, for scale parameters such as masses."""
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low < self.high:
+            raise ValueError(f"LogUniform needs 0 < low < high, got low={self.low}, high={self.high}")
+
+    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        lo, hi = math.log(self.low), math.log(self.high)
+        return torch.exp(lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=torch.float64))
+
+    def contains(self, x: Tensor) -> Tensor:
+        return ((x >= self.low) & (x <= self.high)).reshape(x.shape[0], -1).all(dim=1)
+
+    def describe(self) -> str:
+        return f"LogU[{_fmt(self.low)}, {_fmt(self.high)}]"
+
+    def bounds(self) -> tuple[float, float]:
+        return (self.low, self.high)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Each element uniformly one of `values` (e.g. a direction in {-1, +1})."""
+
+    values: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.values) < 1:
+            raise ValueError("Choice needs at least one value")
+        object.__setattr__(self, "values", tuple(float(v) for v in self.values))
+
+    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        index = torch.randint(len(self.values), shape, generator=generator)
+        return torch.tensor(self.values, dtype=torch.float64)[index]
+
+    def contains(self, x: Tensor) -> Tensor:
+        allowed = torch.tensor(self.values, dtype=x.dtype, device=x.device)
+        return torch.isin(x, allowed).reshape(x.shape[0], -1).all(dim=1)
+
+    def describe(self) -> str:
+        return "one of {" + ", ".join(_fmt(v) for v in self.values) + "}"
+
+    def bounds(self) -> tuple[float, float]:
+        return (min(self.values), max(self.values))
+
+
+Distribution = Uniform | Normal | Dirichlet | LogUniform | Choice

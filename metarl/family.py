@@ -35,6 +35,12 @@ class TaskFamily:
     options: Mapping[str, Any] = field(default_factory=dict)
     default_task: Mapping[str, Any] | None = None
     doc: str = ""
+    hash_splits: bool = True
+    """False for families with only a few distinct tasks (all-discrete parameters): train and test then sample
+    the same distributions from separate seed streams, so a test task may coincide with a training task."""
+    success_on_termination: bool = False
+    """True where an episode that terminates (before the horizon) has reached the task's goal: evaluation then
+    reports a success rate (the fraction of episodes that terminated)."""
 
     @functools.cached_property
     def _probe(self) -> gym.Env:
@@ -60,7 +66,7 @@ class TaskFamily:
         """n tasks from `split`; train and test never share a task, whatever the seeds."""
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"{self.name}.sample: n must be a positive int, got {n!r}")
-        params = sample_params(self.params, int(n), as_generator(generator), split, self.name)
+        params = sample_params(self.params, int(n), as_generator(generator), split, self.name, self.hash_splits)
         return Tasks(self.name, params, split)
 
     def validate(self, tasks: Tasks) -> Tasks:
@@ -125,6 +131,8 @@ class TaskFamily:
             "options": dict(self.options),
             "params": {s.name: s.describe() for s in self.params},
             "doc": self.doc,
+            **({} if self.hash_splits else {"splits": "train and test sample the same distribution with separate seed "
+                                                      "streams: test tasks may coincide with training tasks"}),
         }
 
 
@@ -152,7 +160,8 @@ def family_names() -> list[str]:
 def _factory(name: str) -> Callable[..., TaskFamily]:
     key = _key(name)
     if key not in _FAMILIES:
-        raise KeyError(f"unknown task family {name!r}; known families: {family_names()}")
+        raise KeyError(f"unknown task family {name!r}; known families: {family_names()}, or a Gymnasium id whose env "
+                       f"implements sample_tasks/set_task/get_task, or module:attribute naming a TaskFamily")
     return _FAMILIES[key]
 
 
@@ -167,7 +176,17 @@ def _make_cached(key: str, options: tuple) -> TaskFamily:
 
 
 def make_family(name: str, **options: Any) -> TaskFamily:
-    """The registered family `name` with its structural `options` (e.g. `make_family("Bandit", k=10)`)."""
+    """The registered family `name` with its structural `options` (e.g. `make_family("Bandit", k=10)`).
+
+    `name` may also be `module:attribute` (a TaskFamily, or a callable returning one) or the id of a Gymnasium env
+    that implements `sample_tasks` / `set_task` / `get_task`; see `metarl.envs.gym_adapter`.
+    """
+    if _key(name) not in _FAMILIES:
+        from metarl.envs.gym_adapter import resolve_external  # the adapter imports this module
+
+        external = resolve_external(name, options)
+        if external is not None:
+            return external
     factory = _factory(name)
     key = _key(name)
     accepted = inspect.signature(factory).parameters

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from metarl.distributed import Shard, allreduce_max
 from metarl.family import TaskFamily
 from metarl.tasks import Tasks
 from metarl.trajectories import Trajectories
@@ -45,7 +46,7 @@ def make_rollout_env(family: TaskFamily, tasks: Tasks, trials_per_task: int = 1,
 def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_trial: int = 1,
             params: Mapping[str, Tensor] | None = None, per_task: bool = False, deterministic: bool = False,
             isolate_episodes: bool = False, generator: torch.Generator | None = None,
-            seed: int | None = None) -> Trajectories:
+            seed: int | None = None, shard: Shard | None = None) -> Trajectories:
     """Collects `episodes_per_trial` consecutive episodes of every sub-env into `Trajectories [N, E, T]`.
 
     `env` holds `num_tasks * M` sub-envs in task-major order (see `make_rollout_env`); the result has
@@ -54,6 +55,9 @@ def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_
     module's own); with `per_task=True` every tensor has a leading dim N and task i acts with its own set
     (one vmapped call per step). Steps after an episode ends are padding (`valid` False) and never enter
     the policy's history. Truncated episodes get `last_value` from one extra (discarded-history) step.
+    `shard`: `env` holds tasks ``[shard.start, shard.stop)`` of a global batch of ``shard.total`` (one rank of a
+    distributed run); every random draw is then made for the global batch and sliced, so each task's
+    trajectories equal those of one collection over the whole batch with the same seed.
     """
     b = env.num_envs
     if b % num_tasks:
@@ -90,7 +94,11 @@ def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_
     }
     last_value = torch.zeros(b, episodes_per_trial, device=device)
     env_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+    window = None if shard is None else (shard.start * m, shard.total * m)  # sub-env rows in the global batch
+    if window is not None or getattr(env, "_window", None) is not None:
+        env.set_draw_window(*(window or ()))
     for e in range(episodes_per_trial):
+        steps_drawn = 0
         obs, _ = env.reset(seed=env_seed if e == 0 else None)
         alive = torch.ones(b, dtype=torch.bool, device=device)
         start = torch.ones(b, dtype=torch.bool, device=device)
@@ -100,7 +108,8 @@ def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_
             if deterministic:
                 action = policy.mode_action(out)
             else:
-                action = policy.sample_action(out, policy.action_noise(b, generator, device))
+                action = policy.sample_action(out, _action_noise(policy, b, generator, device, window))
+                steps_drawn = t + 1
             next_obs, reward, terminated, truncated, _ = env.step(policy.env_action(action))
             for name, value in (("obs", obs), ("actions", action), ("rewards", reward * alive),
                                 ("terminated", terminated & alive), ("truncated", truncated & alive & ~terminated),
@@ -119,6 +128,10 @@ def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_
                 last_value[:, e] = torch.where(cut, boot.value, last_value[:, e])
             if not alive.any():
                 break
+        if window is not None and not deterministic and e + 1 < episodes_per_trial:
+            _catch_up_noise(policy, b, generator, device, window, steps_drawn)
+    if window is not None:
+        env.set_draw_window()
 
     def regroup(x: Tensor) -> Tensor:  # (B, E_seq, ...) -> (N, M * E_seq, ...)
         return x.reshape(num_tasks, m * episodes_per_trial, *x.shape[2:])
@@ -154,3 +167,20 @@ def policy_step_fn(policy: nn.Module, params: dict[str, Tensor], per_task: bool,
             {k: merge(v) for k, v in new_cache.items()}
 
     return step
+
+
+def _action_noise(policy: nn.Module, b: int, generator: torch.Generator, device: torch.device,
+                  window: tuple[int, int] | None) -> Tensor:
+    """Action noise for `b` rows; with a shard `window` (start, total) drawn for all `total` rows, then sliced."""
+    if window is None:
+        return policy.action_noise(b, generator, device)
+    return policy.action_noise(window[1], generator, device)[window[0]:window[0] + b]
+
+
+def _catch_up_noise(policy: nn.Module, b: int, generator: torch.Generator, device: torch.device,
+                    window: tuple[int, int], steps_drawn: int) -> None:
+    """After an episode this shard ended early, draws the noise of the steps other shards still took, so that the
+    generator stands where one collection over the whole batch would leave it (one all-reduce per episode)."""
+    steps = int(allreduce_max(torch.tensor([steps_drawn], device=device)))
+    for _ in range(steps - steps_drawn):
+        _action_noise(policy, b, generator, device, window)

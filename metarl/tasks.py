@@ -158,17 +158,28 @@ def flatten_params(params: Mapping[str, Tensor], specs: Sequence[ParamSpec]) -> 
     return torch.cat([params[s.name].reshape(params[s.name].shape[0], -1) for s in specs], dim=1)
 
 
-def sample_params(specs: Sequence[ParamSpec], n: int, gen: torch.Generator, split: str, family: str) -> dict[str, Tensor]:
-    """Draws n tasks' parameters for `split`; train/test rejection-sample their hash buckets."""
+def sample_params(specs: Sequence[ParamSpec], n: int, gen: torch.Generator, split: str, family: str,
+                  hash_splits: bool = True) -> dict[str, Tensor]:
+    """Draws n tasks' parameters for `split`; train/test rejection-sample their hash buckets.
+
+    With `hash_splits=False` (families whose parameters are all discrete) train and test draw from their
+    distributions with separate seed streams, so a test task may equal a training task.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
     missing = [s.name for s in specs if s.dist(split) is None]
     if missing:
         raise ValueError(f"{family} defines no {split!r} range for parameter(s) {missing}; splits it has: "
                          f"{[sp for sp in SPLITS if all(s.dist(sp) is not None for s in specs)]}")
+    if not hash_splits:
+        if split == "test":  # a seed stream of its own: same seed, different tasks than train
+            gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)) ^ 0x5EED7E57)
+        return {s.name: s.dist(split).sample((n, *s.shape), gen) for s in specs}  # type: ignore[union-attr]
     kept: list[dict[str, Tensor]] = []
     count = 0
-    while count < n:
+    for _ in range(10_000):
+        if count >= n:
+            break
         batch = max(2 * (n - count), 16) if split != "test" else max(2 * _TEST_BUCKETS * (n - count), 16)
         draw = {s.name: s.dist(split).sample((batch, *s.shape), gen) for s in specs}  # type: ignore[union-attr]
         if split == "ood":
@@ -178,4 +189,7 @@ def sample_params(specs: Sequence[ParamSpec], n: int, gen: torch.Generator, spli
             keep = in_test if split == "test" else ~in_test
         kept.append({k: v[keep] for k, v in draw.items()})
         count += int(keep.sum())
+    else:
+        raise ValueError(f"{family}: could not draw {n} {split!r} tasks whose parameter hash falls in the {split} bucket; "
+                         f"families with only a few distinct tasks need hash_splits=False")
     return {s.name: torch.cat([b[s.name] for b in kept])[:n] for s in specs}

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import ast
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from metarl import distributed
 from metarl.agents.incontext import InContextConfig, InContextLearner
 from metarl.agents.maml import MAMLConfig
 from metarl.agents.maml_learner import MAMLLearner, MetaBatchConfig, OuterConfig
 from metarl.agents.mlp import MLPConfig, MLPPolicy
 from metarl.agents.transformer import TransformerConfig, TransformerPolicy
 from metarl.config import config_to_dict, save_config
-from metarl.evaluation import evaluate_adaptation, format_curve
+from metarl.evaluation import evaluate_adaptation
 from metarl.family import TaskFamily, make_family
 from metarl.trainer import Trainer
 
@@ -112,25 +112,53 @@ def default_run_dir(config: TrainConfig) -> Path:
     return path
 
 
+def _check_run_dir(config: TrainConfig, run_dir: str | Path | None, resume: bool) -> tuple[Path, str]:
+    """(the run directory, an error message or "") as decided on rank 0."""
+    path = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    if not resume and path.exists() and any(path.iterdir()):
+        return path, (f"run directory {path} already holds a run: resume it with --resume {path} or choose another "
+                      f"--run-dir")
+    return path, ""
+
+
 def run_training(config: TrainConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Trains (or resumes) a run, then evaluates adaptation on held-out tasks; returns the evaluation."""
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise ValueError(f"run directory {run_dir} already holds a run: resume it with --resume {run_dir} or choose "
-                         f"another --run-dir")
-    learner = make_learner(config)
+    """Trains (or resumes) a run, then evaluates adaptation on held-out tasks (`evaluation_report`); returns the
+    test split's evaluation as a dict (`AdaptationResult.to_dict()`).
+
+    Launched by torchrun, it joins the process group first (see `metarl.distributed`); rank 0 picks the run
+    directory, writes the config, logs, checkpoints and evaluates, and the other ranks return an empty dict."""
+    device = distributed.init_distributed(config.device)
+    run_dir, error = distributed.broadcast_object(_check_run_dir(config, run_dir, resume) if distributed.is_main()
+                                                  else None)
+    if error:
+        raise ValueError(error)
+    learner = make_learner(replace(config, device=str(device)))
     trainer = Trainer(learner, run_dir, config.iterations, config_to_dict(config), config.checkpoint_every,
                       progress=config.progress)
     if resume:
         trainer.resume()
-    else:
+    elif distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
-    print(f"run directory: {run_dir}")
+    if distributed.is_main():
+        print(f"run directory: {run_dir}" + (f" ({distributed.world_size()} processes)"
+                                             if distributed.is_distributed() else ""))
     trainer.run()
+    if not distributed.is_main():
+        return {}
+    return evaluation_report(learner, config, run_dir)[0].to_dict()
+
+
+def evaluation_report(learner: MAMLLearner | InContextLearner, config: TrainConfig, run_dir: Path) -> list:
+    """Evaluates the trained learner on `eval_tasks` held-out tasks of the test split (and of the ood split where the
+    family has one), writes the report (eval.json, eval.csv, eval.png, table.md, TensorBoard `eval/...` scalars)
+    into the run directory, prints the table and returns the `AdaptationResult`s (test first)."""
+    from metarl.report import table, write_report
+
     family = make_family_from(config)
-    result = evaluate_adaptation(learner, family, split="test", num_tasks=config.eval_tasks, steps=config.eval_steps,
-                                 seed=config.seed)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    print(format_curve(result))
-    return result
+    splits = [s for s in ("test", "ood") if s in family.splits()]
+    results = [evaluate_adaptation(learner, family, split=s, num_tasks=config.eval_tasks, steps=config.eval_steps,
+                                   seed=config.seed) for s in splits]
+    write_report(results, run_dir, tb_dir=run_dir / "tb")
+    print(table(results))
+    return results

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from metarl import distributed
 from metarl.checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -39,7 +40,8 @@ class Trainer:
     end, on Ctrl-C and when an iteration raises; `resume()` continues from the latest one. Every iteration's
     randomness derives from (seed, iteration), so a resumed run ends with the same parameters as an
     uninterrupted one. Scalars go to TensorBoard (`run_dir/tb`, keyed by environment steps) and to
-    `run_dir/metrics.jsonl`.
+    `run_dir/metrics.jsonl`. Under torch.distributed only rank 0 writes (logs, progress bar, checkpoints) and
+    every rank loads the checkpoint on resume.
     """
 
     def __init__(self, learner: Learner, run_dir: str | Path, iterations: int, config: Mapping[str, Any] | None = None,
@@ -66,11 +68,15 @@ class Trainer:
         self._wall_offset = float(state.get("wall_time_s", 0.0))
         return self.iteration
 
-    def save(self) -> Path:
+    def save(self, barrier: bool = True) -> Path:
+        """Rank 0 writes the checkpoint; with `barrier`, every rank waits until it is on disk."""
         path = checkpoint_path(self.run_dir, self.iteration)
-        save_checkpoint(path, {"iteration": self.iteration, "learner": self.learner.state_dict(), "config": self.config,
-                               "wall_time_s": self._wall()})
-        prune_checkpoints(self.run_dir, self.keep)
+        if distributed.is_main():
+            save_checkpoint(path, {"iteration": self.iteration, "learner": self.learner.state_dict(),
+                                   "config": self.config, "wall_time_s": self._wall()})
+            prune_checkpoints(self.run_dir, self.keep)
+        if barrier:
+            distributed.barrier()
         return path
 
     def _wall(self) -> float:
@@ -78,27 +84,30 @@ class Trainer:
 
     def run(self) -> list[dict[str, float]]:
         """Trains to `iterations`; returns the metrics of the iterations run now."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        main = distributed.is_main()
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._trim_metrics()
         self._start = time.perf_counter()
-        self._trim_metrics()
-        writer = self._writer()
+        writer = self._writer() if main else None
         history: list[dict[str, float]] = []
-        bar = tqdm(total=self.iterations, initial=self.iteration, disable=not self.progress, desc="meta-iterations",
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.iterations, initial=self.iteration, disable=not (self.progress and main),
+                   desc="meta-iterations", dynamic_ncols=True)
         try:
             while self.iteration < self.iterations:
                 metrics = self.learner.train_iteration(self.iteration)
                 self.iteration += 1
                 metrics = {**metrics, "time/wall_s": self._wall(), "time/env_steps": float(self.learner.env_steps)}
                 history.append(metrics)
-                self._log(writer, metrics)
+                if main:
+                    self._log(writer, metrics)
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("adapt/")
                                  or k.startswith("incontext/return_trial")})
                 if self.iteration % self.checkpoint_every == 0 or self.iteration == self.iterations:
                     self.save()
         except BaseException:  # Ctrl-C or a failing iteration: keep what was learned, then stop
-            self.save()
+            self.save(barrier=False)  # other ranks may be gone or stuck in a collective
             raise
         finally:
             bar.close()

@@ -43,6 +43,7 @@ class VecTaskEnv(VectorEnv):
     """
 
     metadata: dict[str, Any] = {"autoreset_mode": AutoresetMode.NEXT_STEP}
+    _window: tuple[int, int] | None = None  # (start, total) set by `set_draw_window`
 
     def __init__(self, family: TaskFamily, tasks: Tasks, device: torch.device | str = "cpu", *,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, validate_actions: bool = True,
@@ -176,7 +177,17 @@ class VecTaskEnv(VectorEnv):
         """Standard normal of `shape` (leading dim N); `rows` as in `_rand`."""
         return self._draw(torch.randn, shape, rows)
 
+    def set_draw_window(self, start: int | None = None, total: int | None = None) -> None:
+        """Draw randomness as sub-envs ``[start, start + N)`` of an env with `total` sub-envs would (a rank's shard
+        of a distributed rollout); no arguments restore the plain draws. Exact for resets of all sub-envs."""
+        self._window = None if start is None else (int(start), int(total if total is not None else self.num_envs))
+
     def _draw(self, sampler: Callable[..., Tensor], shape: tuple[int, ...], rows: Tensor | None) -> Tensor:
+        window = self._window
+        if window is not None:  # draw for the whole global batch, keep this shard's rows
+            full = sampler((window[1], *shape[1:]), generator=self._gen, device=self.device, dtype=self.dtype)
+            block = full[window[0]:window[0] + shape[0]]
+            return block if rows is None else block * rows.reshape(-1, *([1] * (len(shape) - 1))).to(self.dtype)
         if rows is None:
             return sampler(shape, generator=self._gen, device=self.device, dtype=self.dtype)
         out = torch.zeros(shape, device=self.device, dtype=self.dtype)

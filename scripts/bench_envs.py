@@ -64,6 +64,8 @@ def run(quick: bool, device: str) -> dict:
     rows = []
     for name in metarl.family_names():
         family = metarl.make_family(name)
+        if getattr(family.vec_env_cls, "host_envs", False):  # Gymnasium-backed (adapter) families: scripts/bench_adapter.py
+            continue
         task = family.default()
         row: dict = {"family": name, "batched": {}, "sync_vector_env": {}}
         for n in BATCHED_N:

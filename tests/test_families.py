@@ -40,7 +40,8 @@ def test_gymnasium_make_and_make_vec(name):
     assert isinstance(vec, metarl.VecTaskEnv) and vec.num_envs == 5
     params = vec.get_tasks().params
     flat = torch.cat([v.reshape(5, -1) for v in params.values()], dim=1)
-    assert len(torch.unique(flat, dim=0)) == 5, "each sub-env has its own task"
+    if family.hash_splits:  # families with few distinct tasks (e.g. a direction in {-1, +1}) may repeat one
+        assert len(torch.unique(flat, dim=0)) == 5, "each sub-env has its own task"
     obs, _ = vec.reset(seed=0)
     assert obs.shape == (5, *family.observation_space.shape)
 
@@ -83,7 +84,8 @@ def test_splits_never_overlap_and_are_seeded(name):
     train = family.sample(400, 0, "train")
     test = family.sample(400, 0, "test")
     flat_train, flat_test = family.flat_params(train), family.flat_params(test)
-    assert not (flat_train[:, None, :] == flat_test[None, :, :]).all(-1).any()
+    overlap_free = family.hash_splits  # else train and test share a distribution (separate seed streams)
+    assert not overlap_free or not (flat_train[:, None, :] == flat_test[None, :, :]).all(-1).any()
     again = family.sample(400, 0, "train")
     assert torch.equal(family.flat_params(again), flat_train)
     assert not torch.equal(family.flat_params(family.sample(400, 1, "train")), flat_train)
@@ -91,7 +93,8 @@ def test_splits_never_overlap_and_are_seeded(name):
     for seed in range(3):
         test_s = family.flat_params(family.sample(50, seed, "test"))
         train_s = family.flat_params(family.sample(50, seed, "train"))
-        assert not (test_s[:, None, :] == train_s[None, :, :]).all(-1).any()
+        assert not overlap_free or not (test_s[:, None, :] == train_s[None, :, :]).all(-1).any()
+        assert not torch.equal(test_s, train_s)
     if "ood" in family.splits():
         ood = family.sample(200, 0, "ood")
         family.validate(ood)

@@ -46,7 +46,7 @@ def test_resume_equals_uninterrupted_run(case, tmp_path):
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [1, 2, 3, 4]
     assert any((tmp_path / "full" / "tb").iterdir())
-    evaluation = json.loads((tmp_path / "full" / "eval.json").read_text())
+    evaluation = json.loads((tmp_path / "full" / "eval.json").read_text())["results"][0]
     assert len(evaluation["gradient_steps"]) + len(evaluation["incontext_episodes"]) >= 2
 
 
@@ -106,7 +106,7 @@ def test_cli_train_writes_run_and_resumes(tmp_path):
     flags = cli_flags(**{**TINY, "iterations": 2, "progress": False})
     out = run_cli("train", "--agent", "maml-mlp", "--run-dir", str(run_dir), *flags)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "after 1 gradient step" in out.stdout
+    assert "| after 1 |" in out.stdout and "| agent | test |" in out.stdout
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["agent"] == "maml-mlp" and saved["batch"]["meta_batch"] == 3
     again = run_cli("train", "--agent", "maml-mlp", "--run-dir", str(run_dir), *flags)
