@@ -80,9 +80,11 @@ def network_estimate(row: dict, gbit_per_s: float, latency_s: float, world: int)
 def table(result: dict) -> str:
     rows = result["runs"]
     load = ", ".join(f"{x:.1f}" for x in result["machine"]["load_average_1_5_15_min"])
+    shared = result["machine"]["load_average_1_5_15_min"][0] > result["machine"]["cpu_count"] + 0.5
+    busy = " (other jobs shared the cores)" if shared else ""
     lines = [f"Distributed MAML-MLP training ({result['method']} outer step, {result['config']}), "
              f"{result['machine']['cpu']}, {result['machine']['cpu_count']} cores, 1 torch thread per process; "
-             f"load average after the runs {load} (other jobs shared the cores). Time in all-reduce includes waiting "
+             f"load average after the runs {load}{busy}. Time in all-reduce includes waiting "
              "for the slower rank.", "",
              "| processes | meta-iterations/s | s / iteration | speed-up | all-reduce calls / it | "
              "all-reduce payload / it | time in all-reduce / it |",
