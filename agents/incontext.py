@@ -44,7 +44,7 @@ class InContextConfig:
     """Discount factor, applied across episode boundaries within a trial."""
     gae_lambda: float = 0.95
     """GAE lambda of the trial-level advantages."""
-    lr: float = 3e-4
+    lr: float = 1e-3
     """Adam learning rate."""
     epochs: int = 4
     """PPO epochs over the iteration's trials."""
@@ -52,8 +52,10 @@ class InContextConfig:
     """Minibatches per epoch; trials (whole histories) are split among them, never single steps."""
     clip: float = 0.2
     """PPO probability-ratio clip range."""
-    vf_coef: float = 0.5
-    """Weight of the value loss 0.5 * (V - R)^2 in the total loss."""
+    vf_coef: float = 0.05
+    """Weight of the value loss 0.5 * (V - R)^2 in the total loss. Returns are not normalised, so with returns of
+    tens to hundreds (PointNav: about -80 per episode) a weight like 0.5 lets the value gradient fill the
+    `max_grad_norm` budget and starves the policy; 0.05 learns PointNav trials (docs/results/reproduce_maml_incontext.md)."""
     ent_coef: float = 0.01
     """Weight of the entropy bonus (subtracted from the loss)."""
     max_grad_norm: float = 0.5
