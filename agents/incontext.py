@@ -25,6 +25,7 @@ from metarl.trajectories import Trajectories
 
 from .maml import policy_outputs
 from .policy import HistoryPolicy, PolicyOutput
+from .surface import SB3Surface
 
 Params = dict[str, Tensor]
 _COLLECT_STREAM = 1
@@ -132,7 +133,7 @@ def _zero_padding(x: Tensor, valid: Tensor) -> Tensor:
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-class InContextLearner:
+class InContextLearner(SB3Surface):
     """RL2 with PPO: collect trials with shared parameters, trial-level GAE, clipped PPO epochs over trials.
 
     The loss is the clipped policy loss + `vf_coef` * 0.5 * (V - R)^2 - `ent_coef` * entropy, each a mean over
@@ -292,35 +293,6 @@ class InContextLearner:
         return {"gradient_steps": [], "gradient_steps_per_task": [], "incontext_episodes": means,
                 "incontext_episodes_per_task": per_task, "gradient_steps_success_per_task": [],
                 "incontext_episodes_success_per_task": success}
-
-    # ------------------------------------------------------------------ Stable-Baselines3-style surface
-    def learn(self, iterations: int, callback=None, progress_bar: bool = False):
-        """Trains `iterations` more meta-iterations; see `metarl.agents.api.learn`."""
-        from .api import learn
-
-        return learn(self, iterations, callback, progress_bar)
-
-    def save(self, path) -> None:
-        """Writes the learner to one file; `InContextLearner.load(path)` rebuilds it."""
-        from .api import save
-
-        save(self, path)
-
-    @classmethod
-    def load(cls, path, device="cpu"):
-        from .api import load
-
-        learner = load(path, device)
-        if not isinstance(learner, cls):
-            raise TypeError(f"{path} holds a {type(learner).__name__}, not a {cls.__name__}")
-        return learner
-
-    def predict(self, observation, state=None, episode_start=None, deterministic: bool = False, reward=None,
-                params=None):
-        """Actions for a batch of observations, carrying the history in `state`; see `metarl.agents.api.predict`."""
-        from .api import predict
-
-        return predict(self, observation, state, episode_start, deterministic, reward, params)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from metarl.trpo import trpo_step
 from .maml import MAMLConfig, adapt, batched_policy_outputs, init_step_sizes, outer_kl, outer_surrogate, ppo_outer_loss
 from .maml import support_advantages as linear_baseline_advantages
 from .policy import HistoryPolicy
+from .surface import SB3Surface
 
 Params = dict[str, Tensor]
 _STEP_PREFIX = "step_size/"
@@ -73,7 +74,7 @@ class MetaBatchConfig:
             raise ValueError(f"meta_batch, trajectories_per_task, episodes_per_trial must be >= 1, got {self}")
 
 
-class MAMLLearner:
+class MAMLLearner(SB3Surface):
     """MAML over task batches: support rollouts with the meta-parameters, one batched `adapt` for all tasks,
     query rollouts with the adapted parameters, then an outer TRPO or PPO step through the adaptation."""
 
@@ -241,35 +242,6 @@ class MAMLLearner:
                 "incontext_episodes": [sum(r) / len(r) for r in episodes_per_task],
                 "incontext_episodes_per_task": episodes_per_task, "gradient_steps_success_per_task": success,
                 "incontext_episodes_success_per_task": ended.T.tolist() if traj.episodes_per_trial > 1 else []}
-
-    # ------------------------------------------------------------------ Stable-Baselines3-style surface
-    def learn(self, iterations: int, callback=None, progress_bar: bool = False):
-        """Trains `iterations` more meta-iterations; see `metarl.agents.api.learn`."""
-        from .api import learn
-
-        return learn(self, iterations, callback, progress_bar)
-
-    def save(self, path) -> None:
-        """Writes the learner to one file; `MAMLLearner.load(path)` rebuilds it."""
-        from .api import save
-
-        save(self, path)
-
-    @classmethod
-    def load(cls, path, device="cpu"):
-        from .api import load
-
-        learner = load(path, device)
-        if not isinstance(learner, cls):
-            raise TypeError(f"{path} holds a {type(learner).__name__}, not a {cls.__name__}")
-        return learner
-
-    def predict(self, observation, state=None, episode_start=None, deterministic: bool = False, reward=None,
-                params=None):
-        """Actions for a batch of observations, carrying the history in `state`; see `metarl.agents.api.predict`."""
-        from .api import predict
-
-        return predict(self, observation, state, episode_start, deterministic, reward, params)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
