@@ -45,7 +45,7 @@ def _random_baseline(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from metarl.config import build_config, overrides_from_namespace
-    from metarl.distributed import barrier, shutdown
+    from metarl.distributed import shutdown
     from metarl.train import TrainConfig, run_training
 
     overrides = overrides_from_namespace(args, TrainConfig)
@@ -55,9 +55,10 @@ def _train(args: argparse.Namespace) -> None:
             run_training(config, args.resume, resume=True)
         else:
             run_training(build_config(TrainConfig, args.config, overrides), args.run_dir)
-        barrier()  # the other ranks wait for rank 0's evaluation, so that all leave the group together
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(wait=False)  # the other ranks may be gone or stuck in a collective
+        raise
+    shutdown()  # waits for rank 0's evaluation, so that all ranks leave the group together
 
 
 def _evaluate(args: argparse.Namespace, argv: Sequence[str]) -> None:

@@ -108,9 +108,12 @@ def init_distributed(device: torch.device | str = "cpu") -> torch.device:
     return device
 
 
-def shutdown() -> None:
-    """Leaves the process group, if one was joined."""
+def shutdown(wait: bool = True) -> None:
+    """Leaves the process group, if one was joined. With `wait` (the normal end of a run) every rank first waits
+    for the others: a rank that tears down its gloo connections while a peer still uses them can abort."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

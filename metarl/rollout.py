@@ -95,8 +95,7 @@ def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_
     last_value = torch.zeros(b, episodes_per_trial, device=device)
     env_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
     window = None if shard is None else (shard.start * m, shard.total * m)  # sub-env rows in the global batch
-    if window is not None or getattr(env, "_window", None) is not None:
-        env.set_draw_window(*(window or ()))
+    env.set_draw_window(*(window or ()))  # plain draws unless the env holds one rank's shard
     for e in range(episodes_per_trial):
         steps_drawn = 0
         obs, _ = env.reset(seed=env_seed if e == 0 else None)
@@ -130,8 +129,7 @@ def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_
                 break
         if window is not None and not deterministic and e + 1 < episodes_per_trial:
             _catch_up_noise(policy, b, generator, device, window, steps_drawn)
-    if window is not None:
-        env.set_draw_window()
+    env.set_draw_window()
 
     def regroup(x: Tensor) -> Tensor:  # (B, E_seq, ...) -> (N, M * E_seq, ...)
         return x.reshape(num_tasks, m * episodes_per_trial, *x.shape[2:])
