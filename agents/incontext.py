@@ -278,18 +278,22 @@ class InContextLearner(SB3Surface):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def adaptation_curve(self, tasks: Tasks, seed: int, steps: int = 0, episodes: int | None = None) -> dict[str, Any]:
-        """Mean return of each episode of one trial of `episodes` episodes (default: the training trial length) on
-        `tasks`, sampling actions (seeded). `steps` is unused: there is no gradient adaptation.
+    def adaptation_curve(self, tasks: Tasks, seed: int, steps: int = 0, episodes: int | None = None,
+                         trajectories: int | None = None) -> dict[str, Any]:
+        """Mean return of each episode of a trial of `episodes` episodes (default: the training trial length) on
+        `tasks`, averaged over `trajectories` independent trials per task (default 1), sampling actions (seeded).
+        `steps` is unused: there is no gradient adaptation.
 
         ``incontext_episodes_per_task[e][i]`` is task i's return in episode e.
         """
-        episodes = episodes or self.episodes_per_trial
-        env = make_rollout_env(self.family, tasks, 1, device=self.device, seed=seed)
+        episodes, trials = episodes or self.episodes_per_trial, trajectories or 1
+        env = make_rollout_env(self.family, tasks, trials, device=self.device, seed=seed)
         traj = collect(self.policy, env, num_tasks=len(tasks), episodes_per_trial=episodes, seed=seed)
-        per_task = traj.episode_returns().T.tolist()  # (E, N)
+        n = len(tasks)
+        per_task = traj.episode_returns().reshape(n, trials, episodes).mean(dim=1).T.tolist()  # (E, N)
         means = [sum(r) / len(r) for r in per_task]
-        success = traj.terminated.any(dim=2).float().T.tolist()  # (E, N): the episode ended by termination
+        ended = traj.terminated.any(dim=2).float().reshape(n, trials, episodes).mean(dim=1)
+        success = ended.T.tolist()  # (E, N): fraction of the trials whose episode e ended by termination
         return {"gradient_steps": [], "gradient_steps_per_task": [], "incontext_episodes": means,
                 "incontext_episodes_per_task": per_task, "gradient_steps_success_per_task": [],
                 "incontext_episodes_success_per_task": success}

@@ -219,15 +219,18 @@ class MAMLLearner(SB3Surface):
                                  "policy/entropy": entropy}, weight, self.device)
 
     # ------------------------------------------------------------------ evaluation
-    def adaptation_curve(self, tasks: Tasks, seed: int, steps: int = 3, episodes: int | None = None) -> dict[str, Any]:
+    def adaptation_curve(self, tasks: Tasks, seed: int, steps: int = 3, episodes: int | None = None,
+                         trajectories: int | None = None) -> dict[str, Any]:
         """Mean return on `tasks` before adaptation and after each of `steps` gradient steps (each step adapts on
         fresh trajectories of the current per-task parameters, as in the MAML paper's evaluation); with several
-        episodes per trial, also the return of each episode of a trial under the final parameters."""
+        episodes per trial and a policy that reads its history, also the return of each episode of a trial under
+        the final parameters. `trajectories`: trials per task and step (default `batch.trajectories_per_task`);
+        `episodes`: episodes per trial (default `batch.episodes_per_trial`)."""
         per_task: list[list[float]] = []
         success: list[list[float]] = []  # per step, per task: fraction of episodes that ended by termination
         params: Params | None = None
         for k in range(steps + 1):
-            traj = self._collect(tasks, derive_seed(seed, k), params=params, episodes=episodes)
+            traj = self._collect(tasks, derive_seed(seed, k), params=params, episodes=episodes, trials=trajectories)
             per_task.append(traj.episode_returns().mean(dim=1).tolist())
             success.append(traj.terminated.any(dim=2).float().mean(dim=1).tolist())
             by_episode = traj.episode_returns().reshape(len(tasks), -1, traj.episodes_per_trial).mean(dim=1)  # (N, E)
@@ -236,12 +239,13 @@ class MAMLLearner(SB3Surface):
                 params = {n: v.detach() for n, v in self._adapt(start, traj, stacked=params is not None).items()}
         means = [sum(r) / len(r) for r in per_task]
         # with several episodes per trial, the in-context curve is that of the last (most adapted) parameters
-        episodes_per_task = by_episode.T.tolist() if traj.episodes_per_trial > 1 else []
+        incontext = traj.episodes_per_trial > 1 and self.policy.reads_history
+        episodes_per_task = by_episode.T.tolist() if incontext else []
         ended = traj.terminated.any(dim=2).float().reshape(len(tasks), -1, traj.episodes_per_trial).mean(dim=1)  # (N, E)
         return {"gradient_steps": means, "gradient_steps_per_task": per_task,
                 "incontext_episodes": [sum(r) / len(r) for r in episodes_per_task],
                 "incontext_episodes_per_task": episodes_per_task, "gradient_steps_success_per_task": success,
-                "incontext_episodes_success_per_task": ended.T.tolist() if traj.episodes_per_trial > 1 else []}
+                "incontext_episodes_success_per_task": ended.T.tolist() if incontext else []}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

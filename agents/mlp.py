@@ -36,12 +36,18 @@ class MLPConfig:
     """Box actions with finite bounds: act in [-1, 1] and rescale linearly to [low, high] for the environment."""
     value_hidden: tuple[int, ...] = ()
     """Hidden widths of the separate value network on the observation; () means a linear value."""
+    init: Literal["default", "glorot"] = "default"
+    """Weight initialisation: "default" (PyTorch's for hidden layers, N(0, 0.01) action head) or "glorot"
+    (Glorot-uniform weights and zero biases in every action layer, the head included: the MAML paper's rllab
+    policy; a larger head lets the inner step move the hidden features too)."""
 
     def __post_init__(self) -> None:
         if self.activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
         if any(h < 1 for h in self.hidden + self.value_hidden):
             raise ValueError(f"hidden widths must be >= 1, got hidden={self.hidden}, value_hidden={self.value_hidden}")
+        if self.init not in ("default", "glorot"):
+            raise ValueError(f"init must be 'default' or 'glorot', got {self.init!r}")
 
 
 def mlp(sizes: tuple[int, ...], activation: str) -> nn.Sequential:
@@ -55,6 +61,8 @@ def mlp(sizes: tuple[int, ...], activation: str) -> nn.Sequential:
 class MLPPolicy(HistoryPolicy):
     """Feed-forward policy with the Transformer's call signature (sequence mode ``[B, T, ..]``, step mode ``[B, ..]``)."""
 
+    reads_history = False
+
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, config: MLPConfig | None = None):
         config = config or MLPConfig()
         super().__init__(observation_space, action_space, config.normalize_actions)
@@ -65,6 +73,11 @@ class MLPPolicy(HistoryPolicy):
         dist_in = cfg.hidden[-1] if cfg.hidden else self.spec.obs_dim
         value_in = cfg.value_hidden[-1] if cfg.value_hidden else self.spec.obs_dim
         self.head = PolicyHead(self.spec, dist_in, value_in, cfg.init_log_std)
+        if cfg.init == "glorot":
+            for layer in [*self.trunk, self.head.dist]:
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_uniform_(layer.weight)
+                    nn.init.zeros_(layer.bias)
 
     def initial_cache(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None

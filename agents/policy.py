@@ -179,6 +179,8 @@ class HistoryPolicy(nn.Module):
 
     action_low: Tensor
     action_high: Tensor
+    reads_history: bool = True
+    """Whether outputs depend on earlier steps (False for the MLP): only then do in-context episodes differ."""
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, normalize_actions: bool = True):
         super().__init__()

@@ -204,11 +204,11 @@ def fresh_learner(agent, seed: int, policy: nn.Module | None = None):
     return MAMLLearner(policy, family, agent.maml, agent.outer, agent.batch, device=agent.device, seed=agent.seed)
 
 
-def _trial_shape(agent, episodes: int | None) -> tuple[int, int]:
+def _trial_shape(agent, episodes: int | None, trajectories: int | None = None) -> tuple[int, int]:
     """(trials per task, episodes per trial) of one adaptation step of `agent`."""
     if isinstance(agent, MAMLLearner):
-        return agent.batch.trajectories_per_task, episodes or agent.batch.episodes_per_trial
-    return 1, episodes or agent.episodes_per_trial
+        return trajectories or agent.batch.trajectories_per_task, episodes or agent.batch.episodes_per_trial
+    return trajectories or 1, episodes or agent.episodes_per_trial
 
 
 def _agent_mlp(agent) -> tuple[MLPConfig, bool]:
@@ -225,28 +225,32 @@ def _maml_learner(agent, policy: MLPPolicy, trials: int, episodes: int) -> MAMLL
     return MAMLLearner(policy, agent.family, MAMLConfig(), batch=batch, device=agent.device, seed=agent.seed)
 
 
-def _curve(learner, tasks: Tasks, seed: int, steps: int, episodes: int | None) -> dict[str, Any]:
-    return learner.adaptation_curve(tasks, seed=derive_seed(seed, 2), steps=steps, episodes=episodes)
+def _curve(learner, tasks: Tasks, seed: int, steps: int, episodes: int | None,
+           trajectories: int | None = None) -> dict[str, Any]:
+    return learner.adaptation_curve(tasks, seed=derive_seed(seed, 2), steps=steps, episodes=episodes,
+                                    trajectories=trajectories)
 
 
-def random_init(agent, tasks: Tasks, steps: int, episodes: int | None, seed: int) -> AdaptationResult:
+def random_init(agent, tasks: Tasks, steps: int, episodes: int | None, seed: int,
+                trajectories: int | None = None) -> AdaptationResult:
     """A fresh policy of the agent's type and config, adapted exactly as the agent is."""
     learner = fresh_learner(agent, derive_seed(seed, 20))
-    return result_from_curve(_curve(learner, tasks, seed, steps, episodes), agent.family, tasks, "random-init", seed,
-                             steps, notes="fresh initialisation of the agent's policy, same adaptation")
+    curve = _curve(learner, tasks, seed, steps, episodes, trajectories)
+    return result_from_curve(curve, agent.family, tasks, "random-init", seed, steps,
+                             notes="fresh initialisation of the agent's policy, same adaptation")
 
 
 def pretrained(agent, model: PPO, tasks: Tasks, steps: int, episodes: int | None, seed: int,
-               ppo_steps: int) -> AdaptationResult:
+               ppo_steps: int, trajectories: int | None = None) -> AdaptationResult:
     """The population-trained SB3 policy `model`, copied into an MLPPolicy and adapted by the agent's inner loop."""
     mlp, other_arch = _agent_mlp(agent)
     family = agent.family
     policy = copy_sb3_policy(model, MLPPolicy(family.observation_space, family.action_space, mlp))
-    trials, per_trial = _trial_shape(agent, episodes)
+    trials, per_trial = _trial_shape(agent, episodes, trajectories)
     learner = _maml_learner(agent, policy.to(agent.device), trials, per_trial)
     notes = (f"SB3 PPO for {ppo_steps} steps on train tasks, MLP {list(mlp.hidden)} {mlp.activation}, adapted with "
              f"the {'default' if not isinstance(agent, MAMLLearner) else 'agent'}'s MAML inner loop")
-    curve = _curve(learner, tasks, seed, steps, episodes if isinstance(agent, MAMLLearner) else per_trial)
+    curve = _curve(learner, tasks, seed, steps, episodes if isinstance(agent, MAMLLearner) else per_trial, trials)
     if not isinstance(agent, MAMLLearner):
         curve = {**curve, "incontext_episodes_per_task": [], "incontext_episodes_success_per_task": []}
     return result_from_curve(curve, family, tasks, "pretrained (MLP)" if other_arch else "pretrained", seed, steps,
@@ -284,13 +288,14 @@ def scratch(family: TaskFamily, mlp: MLPConfig, tasks: Tasks, steps: int, trials
 
 
 def evaluate_baselines(agent, names: Sequence[str], task_sets: Mapping[str, Tasks], steps: int, episodes: int | None,
-                       seed: int, config: BaselineConfig | None = None) -> list[AdaptationResult]:
+                       seed: int, config: BaselineConfig | None = None,
+                       trajectories: int | None = None) -> list[AdaptationResult]:
     """The `names` baselines on each split's tasks (`task_sets`: split -> the agent's evaluation tasks); the SB3
     population policies are trained once and shared by the splits."""
     config = config or BaselineConfig()
     family = agent.family
     mlp, _ = _agent_mlp(agent)
-    trials, per_trial = _trial_shape(agent, episodes)
+    trials, per_trial = _trial_shape(agent, episodes, trajectories)
     models = {}
     with torch.random.fork_rng():
         if "pretrained" in names:
@@ -301,9 +306,10 @@ def evaluate_baselines(agent, names: Sequence[str], task_sets: Mapping[str, Task
         for tasks in task_sets.values():
             for name in names:
                 if name == "random-init":
-                    results.append(random_init(agent, tasks, steps, episodes, seed))
+                    results.append(random_init(agent, tasks, steps, episodes, seed, trajectories))
                 elif name == "pretrained":
-                    results.append(pretrained(agent, models[name], tasks, steps, episodes, seed, config.ppo_steps))
+                    results.append(pretrained(agent, models[name], tasks, steps, episodes, seed, config.ppo_steps,
+                                              trajectories))
                 elif name == "oracle":
                     results.append(oracle(models[name], family, tasks, steps, trials, seed, config.ppo_steps,
                                           normalized_actions(family, mlp)))
@@ -313,11 +319,14 @@ def evaluate_baselines(agent, names: Sequence[str], task_sets: Mapping[str, Task
 
 
 def evaluate_all(agent, splits: Sequence[str], num_tasks: int, steps: int, episodes: int | None = None, seed: int = 0,
-                 baselines: Sequence[str] = (), config: BaselineConfig | None = None) -> list[AdaptationResult]:
+                 baselines: Sequence[str] = (), config: BaselineConfig | None = None,
+                 trajectories: int | None = None) -> list[AdaptationResult]:
     """The agent's `evaluate_adaptation` on each split, then the `baselines` on the same tasks, split by split."""
     from metarl.evaluation import evaluate_adaptation, heldout_tasks
 
     task_sets = {split: heldout_tasks(agent.family, split, num_tasks, seed) for split in splits}
-    own = [evaluate_adaptation(agent, agent.family, split, num_tasks, steps, episodes, seed) for split in splits]
-    others = evaluate_baselines(agent, baselines, task_sets, steps, episodes, seed, config) if baselines else []
+    own = [evaluate_adaptation(agent, agent.family, split, num_tasks, steps, episodes, seed, trajectories=trajectories)
+           for split in splits]
+    others = (evaluate_baselines(agent, baselines, task_sets, steps, episodes, seed, config, trajectories)
+              if baselines else [])
     return sorted(own + others, key=lambda r: list(splits).index(r.split))

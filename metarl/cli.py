@@ -69,7 +69,8 @@ def _evaluate(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
     command = shlex.join(["metarl", *argv])
     results, paths = evaluate_run(args.run_dir, args.split, args.num_tasks, args.steps, args.episodes, args.seed,
-                                  args.baselines, args.baseline_steps, args.out, args.device, command=command)
+                                  args.baselines, args.baseline_steps, args.out, args.device, command=command,
+                                  trajectories=args.trajectories)
     print(table(results))
     print(f"report: {paths['table'].parent} (eval.json, eval.csv, eval.png, table.md; TensorBoard: {paths['tensorboard']})")
 
@@ -84,6 +85,9 @@ def _add_evaluate_parser(sub) -> None:
     ev.add_argument("--num-tasks", type=int, default=40, help="held-out tasks per split (default 40)")
     ev.add_argument("--steps", type=int, help="inner gradient steps K (default: the run's eval_steps)")
     ev.add_argument("--episodes", type=int, help="in-context episodes per trial (default: the agent's trial length)")
+    ev.add_argument("--trajectories", type=int,
+                    help="trials per task behind each point, e.g. each gradient step's support trajectories "
+                         "(default: the run's trajectories per task for MAML, 1 for in-context agents)")
     ev.add_argument("--seed", type=int, help="evaluation seed: tasks, rollouts, baselines (default: the run's seed)")
     ev.add_argument("--baselines", default="", help="comma-separated: random-init,pretrained,oracle,scratch or all "
                                                     "(default none)")

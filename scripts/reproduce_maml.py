@@ -26,7 +26,8 @@ PUBLISHED = {"MAML-TRPO (Finn et al. 2017)": [-40.4, -11.7, -3.33, -3.23], "pret
 
 PAPER = {"env": "PointNav", "env_options": "horizon=100", "eval_tasks": 40, "eval_steps": 3, "batch.meta_batch": 20,
          "batch.trajectories_per_task": 20, "maml.inner_lr": 0.1, "maml.gamma": 0.99, "maml.gae_lambda": 1.0,
-         "outer.method": "trpo", "outer.max_kl": 0.01, "mlp.hidden": (100, 100), "mlp.activation": "relu"}
+         "outer.method": "trpo", "outer.max_kl": 0.01, "mlp.hidden": (100, 100), "mlp.activation": "relu",
+         "mlp.init": "glorot"}
 
 AGENTS = {
     "mlp": {"agent": "maml-mlp"},

@@ -57,6 +57,27 @@ def test_same_seed_same_numbers_and_result_round_trips():
     assert a.gradient_steps[1].mean == pytest.approx(sum(a.per_task["gradient_steps"][1]) / 3)
 
 
+def test_trajectories_sets_each_steps_support_data_and_an_mlp_has_no_incontext_curve(monkeypatch):
+    agent = tiny_agent()
+    shapes, collect = [], agent._collect
+
+    def spy(*args, **kwargs):
+        traj = collect(*args, **kwargs)
+        shapes.append(tuple(traj.valid.shape))
+        return traj
+
+    monkeypatch.setattr(agent, "_collect", spy)
+    result = evaluate_adaptation(agent, agent.family, "test", num_tasks=3, steps=1, seed=0, trajectories=5, episodes=2)
+    assert shapes == [(3, 10, 10)] * 2  # 5 trials x 2 episodes per task, before and after the step
+    assert len(result.gradient_steps) == 2 and result.incontext_episodes == ()  # the MLP reads no history
+    shapes.clear()
+    evaluate_adaptation(agent, agent.family, "test", num_tasks=3, steps=1, seed=0)
+    assert shapes == [(3, 2, 10)] * 2  # the agent's trajectories_per_task
+    for bad in ({"trajectories": 0}, {"episodes": -1}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be >= 1"):
+            evaluate_adaptation(agent, agent.family, "test", num_tasks=3, steps=1, **bad)
+
+
 def test_test_and_ood_tasks_are_never_training_tasks():
     family = tiny_agent().family
     result = evaluate_adaptation(tiny_agent(), family, "test", num_tasks=8, steps=0, seed=0)
@@ -107,7 +128,8 @@ def test_cli_evaluate_end_to_end_with_baselines(tmp_path):
         assert (run_dir / name).is_file(), name
     assert {r.split for r in load_results(run_dir / "eval.json")} == {"test", "ood"}
     out = run_cli("evaluate", str(run_dir), "--split", "both", "--num-tasks", "2", "--steps", "1",
-                  "--baselines", "random-init,pretrained,oracle,scratch", "--baseline-steps", "64", "--seed", "3")
+                  "--baselines", "random-init,pretrained,oracle,scratch", "--baseline-steps", "64", "--seed", "3",
+                  "--trajectories", "3")
     assert out.returncode == 0, out.stderr[-3000:]
     report = run_dir / "eval-both"
     results = load_results(report / "eval.json")

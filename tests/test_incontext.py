@@ -207,6 +207,8 @@ def test_adaptation_curve_reports_each_episode():
     assert curve["gradient_steps"] == [] and len(curve["incontext_episodes"]) == 3
     assert [len(r) for r in curve["incontext_episodes_per_task"]] == [3, 3, 3]
     assert curve == learner.adaptation_curve(tasks, seed=0, steps=2, episodes=3)
+    more = learner.adaptation_curve(tasks, seed=0, episodes=3, trajectories=4)  # each task's mean over 4 trials
+    assert [len(r) for r in more["incontext_episodes_per_task"]] == [3, 3, 3] and more != curve
 
 
 def test_learns_to_adapt_in_context_on_a_two_armed_bandit():
