@@ -9,6 +9,7 @@ a later episode is credited to exploratory actions in an earlier one.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,10 +280,10 @@ class InContextLearner(SB3Surface):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def adaptation_curve(self, tasks: Tasks, seed: int, steps: int = 0, episodes: int | None = None,
-                         trajectories: int | None = None) -> dict[str, Any]:
+                         trajectories: int | None = None, step_sizes: Sequence[float] = ()) -> dict[str, Any]:
         """Mean return of each episode of a trial of `episodes` episodes (default: the training trial length) on
         `tasks`, averaged over `trajectories` independent trials per task (default 1), sampling actions (seeded).
-        `steps` is unused: there is no gradient adaptation.
+        `steps` and `step_sizes` are unused: there is no gradient adaptation.
 
         ``incontext_episodes_per_task[e][i]`` is task i's return in episode e.
         """

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -74,6 +76,17 @@ class MetaBatchConfig:
             raise ValueError(f"meta_batch, trajectories_per_task, episodes_per_trial must be >= 1, got {self}")
 
 
+def check_step_sizes(step_sizes: Sequence[float], meta_sgd: bool) -> list[float]:
+    """`step_sizes` as a list of finite floats; raises for a bad value or when the step sizes are learned."""
+    lrs = [float(v) for v in step_sizes]
+    if lrs and meta_sgd:
+        raise ValueError(f"step_sizes={lrs} cannot override the learned Meta-SGD step sizes (maml.meta_sgd is True)")
+    bad = [v for v in lrs if not math.isfinite(v) or v < 0]
+    if bad:
+        raise ValueError(f"step sizes must be finite and >= 0, got {lrs}")
+    return lrs
+
+
 class MAMLLearner(SB3Surface):
     """MAML over task batches: support rollouts with the meta-parameters, one batched `adapt` for all tasks,
     query rollouts with the adapted parameters, then an outer TRPO or PPO step through the adaptation."""
@@ -114,8 +127,9 @@ class MAMLLearner(SB3Surface):
                        params=params, per_task=params is not None, seed=seed, deterministic=deterministic,
                        isolate_episodes=self.maml.isolate_episodes, shard=shard)
 
-    def _adapt(self, params: Params, support: Trajectories, stacked: bool = False) -> Params:
-        return adapt(self.policy, params, support, self.maml, self.step_sizes if self.maml.meta_sgd else None, stacked)
+    def _adapt(self, params: Params, support: Trajectories, stacked: bool = False, inner_lr: float | None = None) -> Params:
+        config = self.maml if inner_lr is None else replace(self.maml, inner_lr=inner_lr)
+        return adapt(self.policy, params, support, config, self.step_sizes if self.maml.meta_sgd else None, stacked)
 
     def adapt(self, support: Trajectories) -> Params:
         """Per-task adapted parameters ``[N, ...]`` (detached) from support trajectories of N tasks."""
@@ -220,12 +234,15 @@ class MAMLLearner(SB3Surface):
 
     # ------------------------------------------------------------------ evaluation
     def adaptation_curve(self, tasks: Tasks, seed: int, steps: int = 3, episodes: int | None = None,
-                         trajectories: int | None = None) -> dict[str, Any]:
+                         trajectories: int | None = None, step_sizes: Sequence[float] = ()) -> dict[str, Any]:
         """Mean return on `tasks` before adaptation and after each of `steps` gradient steps (each step adapts on
         fresh trajectories of the current per-task parameters, as in the MAML paper's evaluation); with several
         episodes per trial and a policy that reads its history, also the return of each episode of a trial under
         the final parameters. `trajectories`: trials per task and step (default `batch.trajectories_per_task`);
-        `episodes`: episodes per trial (default `batch.episodes_per_trial`)."""
+        `episodes`: episodes per trial (default `batch.episodes_per_trial`). `step_sizes`: the inner step size of
+        step 1, 2, ... (the last one repeats; default `maml.inner_lr` for every step), e.g. (0.5, 0.25) as in the
+        MAML authors' evaluation; not with Meta-SGD, whose step sizes are learned."""
+        lrs = check_step_sizes(step_sizes, self.maml.meta_sgd)
         per_task: list[list[float]] = []
         success: list[list[float]] = []  # per step, per task: fraction of episodes that ended by termination
         params: Params | None = None
@@ -236,7 +253,8 @@ class MAMLLearner(SB3Surface):
             by_episode = traj.episode_returns().reshape(len(tasks), -1, traj.episodes_per_trial).mean(dim=1)  # (N, E)
             if k < steps:
                 start = self._params() if params is None else params
-                params = {n: v.detach() for n, v in self._adapt(start, traj, stacked=params is not None).items()}
+                lr = lrs[min(k, len(lrs) - 1)] if lrs else None
+                params = {n: v.detach() for n, v in self._adapt(start, traj, params is not None, lr).items()}
         means = [sum(r) / len(r) for r in per_task]
         # with several episodes per trial, the in-context curve is that of the last (most adapted) parameters
         incontext = traj.episodes_per_trial > 1 and self.policy.reads_history

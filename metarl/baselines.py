@@ -226,22 +226,22 @@ def _maml_learner(agent, policy: MLPPolicy, trials: int, episodes: int) -> MAMLL
 
 
 def _curve(learner, tasks: Tasks, seed: int, steps: int, episodes: int | None,
-           trajectories: int | None = None) -> dict[str, Any]:
+           trajectories: int | None = None, step_sizes: Sequence[float] = ()) -> dict[str, Any]:
     return learner.adaptation_curve(tasks, seed=derive_seed(seed, 2), steps=steps, episodes=episodes,
-                                    trajectories=trajectories)
+                                    trajectories=trajectories, step_sizes=step_sizes)
 
 
 def random_init(agent, tasks: Tasks, steps: int, episodes: int | None, seed: int,
-                trajectories: int | None = None) -> AdaptationResult:
+                trajectories: int | None = None, step_sizes: Sequence[float] = ()) -> AdaptationResult:
     """A fresh policy of the agent's type and config, adapted exactly as the agent is."""
     learner = fresh_learner(agent, derive_seed(seed, 20))
-    curve = _curve(learner, tasks, seed, steps, episodes, trajectories)
+    curve = _curve(learner, tasks, seed, steps, episodes, trajectories, step_sizes)
     return result_from_curve(curve, agent.family, tasks, "random-init", seed, steps,
                              notes="fresh initialisation of the agent's policy, same adaptation")
 
 
 def pretrained(agent, model: PPO, tasks: Tasks, steps: int, episodes: int | None, seed: int,
-               ppo_steps: int, trajectories: int | None = None) -> AdaptationResult:
+               ppo_steps: int, trajectories: int | None = None, step_sizes: Sequence[float] = ()) -> AdaptationResult:
     """The population-trained SB3 policy `model`, copied into an MLPPolicy and adapted by the agent's inner loop."""
     mlp, other_arch = _agent_mlp(agent)
     family = agent.family
@@ -250,7 +250,8 @@ def pretrained(agent, model: PPO, tasks: Tasks, steps: int, episodes: int | None
     learner = _maml_learner(agent, policy.to(agent.device), trials, per_trial)
     notes = (f"SB3 PPO for {ppo_steps} steps on train tasks, MLP {list(mlp.hidden)} {mlp.activation}, adapted with "
              f"the {'default' if not isinstance(agent, MAMLLearner) else 'agent'}'s MAML inner loop")
-    curve = _curve(learner, tasks, seed, steps, episodes if isinstance(agent, MAMLLearner) else per_trial, trials)
+    curve = _curve(learner, tasks, seed, steps, episodes if isinstance(agent, MAMLLearner) else per_trial, trials,
+                   step_sizes)
     if not isinstance(agent, MAMLLearner):
         curve = {**curve, "incontext_episodes_per_task": [], "incontext_episodes_success_per_task": []}
     return result_from_curve(curve, family, tasks, "pretrained (MLP)" if other_arch else "pretrained", seed, steps,
@@ -288,8 +289,8 @@ def scratch(family: TaskFamily, mlp: MLPConfig, tasks: Tasks, steps: int, trials
 
 
 def evaluate_baselines(agent, names: Sequence[str], task_sets: Mapping[str, Tasks], steps: int, episodes: int | None,
-                       seed: int, config: BaselineConfig | None = None,
-                       trajectories: int | None = None) -> list[AdaptationResult]:
+                       seed: int, config: BaselineConfig | None = None, trajectories: int | None = None,
+                       step_sizes: Sequence[float] = ()) -> list[AdaptationResult]:
     """The `names` baselines on each split's tasks (`task_sets`: split -> the agent's evaluation tasks); the SB3
     population policies are trained once and shared by the splits."""
     config = config or BaselineConfig()
@@ -306,10 +307,10 @@ def evaluate_baselines(agent, names: Sequence[str], task_sets: Mapping[str, Task
         for tasks in task_sets.values():
             for name in names:
                 if name == "random-init":
-                    results.append(random_init(agent, tasks, steps, episodes, seed, trajectories))
+                    results.append(random_init(agent, tasks, steps, episodes, seed, trajectories, step_sizes))
                 elif name == "pretrained":
                     results.append(pretrained(agent, models[name], tasks, steps, episodes, seed, config.ppo_steps,
-                                              trajectories))
+                                              trajectories, step_sizes))
                 elif name == "oracle":
                     results.append(oracle(models[name], family, tasks, steps, trials, seed, config.ppo_steps,
                                           normalized_actions(family, mlp)))
@@ -320,13 +321,13 @@ def evaluate_baselines(agent, names: Sequence[str], task_sets: Mapping[str, Task
 
 def evaluate_all(agent, splits: Sequence[str], num_tasks: int, steps: int, episodes: int | None = None, seed: int = 0,
                  baselines: Sequence[str] = (), config: BaselineConfig | None = None,
-                 trajectories: int | None = None) -> list[AdaptationResult]:
+                 trajectories: int | None = None, step_sizes: Sequence[float] = ()) -> list[AdaptationResult]:
     """The agent's `evaluate_adaptation` on each split, then the `baselines` on the same tasks, split by split."""
     from metarl.evaluation import evaluate_adaptation, heldout_tasks
 
     task_sets = {split: heldout_tasks(agent.family, split, num_tasks, seed) for split in splits}
-    own = [evaluate_adaptation(agent, agent.family, split, num_tasks, steps, episodes, seed, trajectories=trajectories)
-           for split in splits]
-    others = (evaluate_baselines(agent, baselines, task_sets, steps, episodes, seed, config, trajectories)
+    own = [evaluate_adaptation(agent, agent.family, split, num_tasks, steps, episodes, seed,
+                               trajectories=trajectories, step_sizes=step_sizes) for split in splits]
+    others = (evaluate_baselines(agent, baselines, task_sets, steps, episodes, seed, config, trajectories, step_sizes)
               if baselines else [])
     return sorted(own + others, key=lambda r: list(splits).index(r.split))

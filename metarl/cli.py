@@ -70,9 +70,17 @@ def _evaluate(args: argparse.Namespace, argv: Sequence[str]) -> None:
     command = shlex.join(["metarl", *argv])
     results, paths = evaluate_run(args.run_dir, args.split, args.num_tasks, args.steps, args.episodes, args.seed,
                                   args.baselines, args.baseline_steps, args.out, args.device, command=command,
-                                  trajectories=args.trajectories)
+                                  trajectories=args.trajectories, step_sizes=args.step_sizes)
     print(table(results))
     print(f"report: {paths['table'].parent} (eval.json, eval.csv, eval.png, table.md; TensorBoard: {paths['tensorboard']})")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    """'0.5,0.25' -> (0.5, 0.25), for argparse."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _add_evaluate_parser(sub) -> None:
@@ -88,6 +96,9 @@ def _add_evaluate_parser(sub) -> None:
     ev.add_argument("--trajectories", type=int,
                     help="trials per task behind each point, e.g. each gradient step's support trajectories "
                          "(default: the run's trajectories per task for MAML, 1 for in-context agents)")
+    ev.add_argument("--step-sizes", type=_float_list, default=(), metavar="LR[,LR...]",
+                    help="inner step size of gradient step 1, 2, ...; the last repeats (default: the run's inner_lr), "
+                         "e.g. 0.5,0.25 as in the MAML authors' evaluation")
     ev.add_argument("--seed", type=int, help="evaluation seed: tasks, rollouts, baselines (default: the run's seed)")
     ev.add_argument("--baselines", default="", help="comma-separated: random-init,pretrained,oracle,scratch or all "
                                                     "(default none)")

@@ -187,12 +187,13 @@ def result_from_curve(curve: Mapping[str, Any], family: TaskFamily, tasks: Tasks
 
 def evaluate_adaptation(agent, family: TaskFamily, split: str = "test", num_tasks: int = 40, steps: int = 3,
                         episodes: int | None = None, seed: int = 0, method: str = "agent",
-                        trajectories: int | None = None) -> AdaptationResult:
+                        trajectories: int | None = None, step_sizes: Sequence[float] = ()) -> AdaptationResult:
     """Adaptation of `agent` (anything with `adaptation_curve`, e.g. a MAMLLearner or an InContextLearner) on
     `num_tasks` tasks of `split`: return before adaptation and after each of `steps` gradient steps, and in each of
     `episodes` in-context episodes (default: the agent's trial length), with Student-t 95% intervals across tasks.
     `trajectories`: trials per task behind each point (a gradient step's support data; default: the agent's
-    training value for MAML, 1 trial for in-context agents).
+    training value for MAML, 1 trial for in-context agents). `step_sizes`: inner step size of each gradient step
+    (the last repeats; default the agent's `inner_lr`).
 
     The tasks are `heldout_tasks(family, split, num_tasks, seed)`; the same seed gives the same numbers. Compare
     Stable-Baselines3's `evaluate_policy`, which evaluates one fixed policy on one env.
@@ -202,7 +203,7 @@ def evaluate_adaptation(agent, family: TaskFamily, split: str = "test", num_task
             raise ValueError(f"{name} must be >= 1 (or None for the agent's default), got {value}")
     tasks = heldout_tasks(family, split, num_tasks, seed)
     curve = agent.adaptation_curve(tasks, seed=derive_seed(seed, 2), steps=steps, episodes=episodes,
-                                   trajectories=trajectories)
+                                   trajectories=trajectories, step_sizes=tuple(step_sizes))
     return result_from_curve(curve, family, tasks, method, seed, steps)
 
 
@@ -234,7 +235,7 @@ def load_run(run_dir: str | Path, device: str | None = None):
 def evaluate_run(run_dir: str | Path, split: str = "test", num_tasks: int = 40, steps: int | None = None,
                  episodes: int | None = None, seed: int | None = None, baselines: str = "", baseline_steps: int = 50_000,
                  out: str | Path | None = None, device: str | None = None, command: str | None = None,
-                 trajectories: int | None = None):
+                 trajectories: int | None = None, step_sizes: Sequence[float] = ()):
     """`metarl evaluate`: evaluates a run's latest checkpoint on `split` (test, ood or both) and writes the report
     (JSON, CSV, PNG, table, TensorBoard) to `out` (default RUN_DIR/eval-<split>). Returns (results, paths)."""
     from metarl.baselines import BaselineConfig, evaluate_all, parse_baselines
@@ -250,6 +251,6 @@ def evaluate_run(run_dir: str | Path, split: str = "test", num_tasks: int = 40, 
         raise ValueError(f"{learner.family.name} has no {missing[0]!r} split; its splits: {list(learner.family.splits())}")
     steps = config.eval_steps if steps is None else steps
     results = evaluate_all(learner, splits, num_tasks, steps, episodes, config.seed if seed is None else seed, names,
-                           BaselineConfig(ppo_steps=baseline_steps), trajectories)
+                           BaselineConfig(ppo_steps=baseline_steps), trajectories, step_sizes)
     paths = write_report(results, Path(out) if out is not None else Path(run_dir) / f"eval-{split}", command=command)
     return results, paths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +47,10 @@ class TrainConfig:
     """Held-out (test split) tasks evaluated after training."""
     eval_steps: int = 3
     """Inner gradient steps in the final evaluation (MAML agents)."""
+    eval_trajectories: int | None = None
+    """Support trajectories per task and step in the final evaluation (None: batch.trajectories_per_task)."""
+    eval_step_sizes: tuple[float, ...] = ()
+    """Inner step size of each evaluation step, the last one repeating (empty: maml.inner_lr)."""
     progress: bool = True
     """Show a progress bar with ETA."""
     batch: MetaBatchConfig = field(default_factory=MetaBatchConfig)
@@ -65,6 +70,10 @@ class TrainConfig:
         if self.iterations < 0 or self.eval_tasks < 1 or self.eval_steps < 0:
             raise ValueError(f"iterations >= 0, eval_tasks >= 1, eval_steps >= 0 expected, got {self.iterations}, "
                              f"{self.eval_tasks}, {self.eval_steps}")
+        if self.eval_trajectories is not None and self.eval_trajectories < 1:
+            raise ValueError(f"eval_trajectories must be >= 1 (or None), got {self.eval_trajectories}")
+        if any(not math.isfinite(v) or v < 0 for v in self.eval_step_sizes):
+            raise ValueError(f"eval_step_sizes must be finite and >= 0, got {list(self.eval_step_sizes)}")
         parse_env_options(self.env_options)
 
 
@@ -158,7 +167,8 @@ def evaluation_report(learner: MAMLLearner | InContextLearner, config: TrainConf
     family = make_family_from(config)
     splits = [s for s in ("test", "ood") if s in family.splits()]
     results = [evaluate_adaptation(learner, family, split=s, num_tasks=config.eval_tasks, steps=config.eval_steps,
-                                   seed=config.seed) for s in splits]
+                                   seed=config.seed, trajectories=config.eval_trajectories,
+                                   step_sizes=config.eval_step_sizes) for s in splits]
     write_report(results, run_dir, tb_dir=run_dir / "tb")
     print(table(results))
     return results

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import metarl
+from metarl.agents.maml import MAMLConfig
 from metarl.agents.maml_learner import MAMLLearner, MetaBatchConfig
 from metarl.agents.mlp import MLPConfig, MLPPolicy
 from metarl.cli import main
@@ -78,6 +79,32 @@ def test_trajectories_sets_each_steps_support_data_and_an_mlp_has_no_incontext_c
             evaluate_adaptation(agent, agent.family, "test", num_tasks=3, steps=1, **bad)
 
 
+def test_step_sizes_set_each_evaluation_step(monkeypatch):
+    agent = tiny_agent()
+    lrs = []
+    adapt = agent._adapt
+
+    def spy(params, support, stacked=False, inner_lr=None):
+        lrs.append(inner_lr)
+        return adapt(params, support, stacked, inner_lr)
+
+    monkeypatch.setattr(agent, "_adapt", spy)
+    base = evaluate_adaptation(agent, agent.family, "test", num_tasks=3, steps=3, seed=0)
+    half = evaluate_adaptation(agent, agent.family, "test", num_tasks=3, steps=3, seed=0, step_sizes=(0.5, 0.25))
+    same = evaluate_adaptation(agent, agent.family, "test", num_tasks=3, steps=3, seed=0, step_sizes=(0.1,))
+    assert lrs == [None] * 3 + [0.5, 0.25, 0.25] + [0.1] * 3  # the last step size repeats
+    assert same.per_task == base.per_task  # 0.1 is the agent's inner_lr
+    assert half.per_task["gradient_steps"][0] == base.per_task["gradient_steps"][0]  # same data before adapting
+    assert half.per_task["gradient_steps"][1] != base.per_task["gradient_steps"][1]
+    with pytest.raises(ValueError, match=r"step sizes must be finite and >= 0, got \[0.5, -1.0\]"):
+        evaluate_adaptation(agent, agent.family, "test", num_tasks=3, steps=1, step_sizes=(0.5, -1.0))
+    meta_sgd = MAMLLearner(agent.policy, agent.family, MAMLConfig(meta_sgd=True), batch=agent.batch)
+    with pytest.raises(ValueError, match="cannot override the learned Meta-SGD step sizes"):
+        evaluate_adaptation(meta_sgd, agent.family, "test", num_tasks=3, steps=1, step_sizes=(0.5,))
+    with pytest.raises(ValueError, match="eval_step_sizes must be finite"):
+        build_config(TrainConfig, None, {**TINY, "eval_step_sizes": (float("nan"),)})
+
+
 def test_test_and_ood_tasks_are_never_training_tasks():
     family = tiny_agent().family
     result = evaluate_adaptation(tiny_agent(), family, "test", num_tasks=8, steps=0, seed=0)
@@ -129,7 +156,7 @@ def test_cli_evaluate_end_to_end_with_baselines(tmp_path):
     assert {r.split for r in load_results(run_dir / "eval.json")} == {"test", "ood"}
     out = run_cli("evaluate", str(run_dir), "--split", "both", "--num-tasks", "2", "--steps", "1",
                   "--baselines", "random-init,pretrained,oracle,scratch", "--baseline-steps", "64", "--seed", "3",
-                  "--trajectories", "3")
+                  "--trajectories", "3", "--step-sizes", "0.2,0.1")
     assert out.returncode == 0, out.stderr[-3000:]
     report = run_dir / "eval-both"
     results = load_results(report / "eval.json")
@@ -158,6 +185,7 @@ def test_cli_evaluate_errors(tmp_path, capsys):
                                                   "iterations": 1}), run_dir)
     assert "Bandit has no 'ood' split" in error(str(run_dir), "--split", "ood", "--num-tasks", "2")
     assert "unknown baseline" in error(str(run_dir), "--baselines", "nope")
+    assert "expected comma-separated numbers, got 'a,b'" in error(str(run_dir), "--step-sizes", "a,b")
     for ckpt in run_dir.glob("ckpt-*.pt"):
         ckpt.unlink()
     assert "no checkpoint" in error(str(run_dir), "--num-tasks", "2")

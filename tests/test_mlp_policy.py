@@ -111,6 +111,21 @@ def test_wrong_obs_shape_and_bad_config():
         MLPConfig(activation="sigmoid")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Dict"):
         MLPPolicy(OBS, spaces.Dict({"a": spaces.Discrete(2)}))
+    with pytest.raises(ValueError, match="init must be 'default' or 'glorot', got 'he'"):
+        MLPConfig(init="he")  # type: ignore[arg-type]
+
+
+def test_glorot_init_covers_every_action_layer():
+    torch.manual_seed(0)
+    policy = MLPPolicy(OBS, ACTION_SPACES["box"], MLPConfig(hidden=(64, 64), init="glorot"))
+    layers = [m for m in policy.trunk if isinstance(m, torch.nn.Linear)] + [policy.head.dist]
+    for layer in layers:
+        fan_out, fan_in = layer.weight.shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    default = MLPPolicy(OBS, ACTION_SPACES["box"], MLPConfig(hidden=(64, 64)))
+    assert default.head.dist.weight.std() < 0.02 < policy.head.dist.weight.std()  # N(0, 0.01) head by default
 
 
 TINY_TRANSFORMER = TransformerConfig(n_layers=1, d_model=8, n_heads=2, context=4)
