@@ -80,9 +80,10 @@ class MLPPolicy(HistoryPolicy):
                     nn.init.zeros_(layer.bias)
 
     def initial_cache(
-        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        capacity: int | None = None,
     ) -> Cache:
-        """The MLP keeps no state: an empty dict."""
+        """The MLP keeps no state: an empty dict (`capacity` is accepted for the common interface)."""
         return {}
 
     @overload

@@ -287,24 +287,32 @@ class TransformerPolicy(HistoryPolicy):
                 nn.init.zeros_(p)
 
     def initial_cache(
-        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        capacity: int | None = None,
     ) -> Cache:
-        """An empty cache for `batch_size` rows (C = context, nh = n_heads, hs = d_model / n_heads).
+        """An empty cache for `batch_size` rows (C = min(context, capacity), nh = n_heads, hs = d_model / n_heads).
 
         ``k{i}``, ``v{i}``: ``(B, nh, C, hs)`` ring buffers of layer i's rotated keys and values (the step at
         position s at slot s % C); ``valid``: ``(B, C)`` bool, slots a step may attend to; ``step``: ``(B,)``
         int64, the number of steps written so far (the next valid step's position within the trial).
+
+        `capacity`: the most steps a row will ever write (e.g. a rollout's trial length). Below the context it
+        makes a smaller cache, which every step must then be told about with ``history_bound <= capacity``;
+        attention over a cache it fills reads less memory.
         """
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"capacity must be >= 1 (or None for the context), got {capacity}")
         ref = self.embed.weight
         device = ref.device if device is None else torch.device(device)
         dtype = ref.dtype if dtype is None else dtype
         cfg = self.config
-        kv_shape = (batch_size, cfg.n_heads, cfg.context, cfg.d_model // cfg.n_heads)
+        slots = cfg.context if capacity is None else min(cfg.context, capacity)
+        kv_shape = (batch_size, cfg.n_heads, slots, cfg.d_model // cfg.n_heads)
         cache = {}
         for i in range(cfg.n_layers):
             cache[f"k{i}"] = torch.zeros(kv_shape, device=device, dtype=dtype)
             cache[f"v{i}"] = torch.zeros(kv_shape, device=device, dtype=dtype)
-        cache["valid"] = torch.zeros(batch_size, cfg.context, device=device, dtype=torch.bool)
+        cache["valid"] = torch.zeros(batch_size, slots, device=device, dtype=torch.bool)
         cache["step"] = torch.zeros(batch_size, device=device, dtype=torch.long)
         return cache
 
@@ -351,11 +359,17 @@ class TransformerPolicy(HistoryPolicy):
         inplace: bool, history_bound: int | None,
     ) -> tuple[PolicyOutput, Cache]:
         """x ``(B, d)`` -> outputs ``[B, ..]`` and the cache after this step (the same dict when `inplace`)."""
-        context = self.config.context
+        shape = tuple(cache["valid"].shape)
+        if len(shape) != 2 or shape[0] != x.shape[0] or not 1 <= shape[1] <= self.config.context:
+            raise ValueError(f"cache['valid'] has shape {shape}, expected ({x.shape[0]}, C) with 1 <= C <= context="
+                             f"{self.config.context} (batch, cache slots)")
+        context = shape[1]  # the ring's slots: the context, or a smaller capacity that the whole history fits in
+        if context < self.config.context and (history_bound is None or history_bound > context):
+            raise ValueError(f"the cache holds {context} steps (made with capacity {context} < context "
+                             f"{self.config.context}): each step needs history_bound <= {context}, got {history_bound}")
         span = context if history_bound is None else min(context, history_bound)  # slots that can hold a step
-        expected = (x.shape[0], context)
-        if tuple(cache["valid"].shape) != expected:
-            raise ValueError(f"cache['valid'] has shape {tuple(cache['valid'].shape)}, expected {expected} (batch, context)")
+        if 5 * span >= 2 * context:
+            span = context  # reading every slot (unused ones masked) keeps the attention operands contiguous
         step = cache["step"]  # (B,)
         cos, sin = rope_tables(step, self.inv_freq, x.dtype)  # (B, hs/2)
         slot = step % context  # (B,)

@@ -20,7 +20,8 @@ from metarl.vec_env import VecTaskEnv
 class RolloutPolicy(Protocol):
     """What `collect` needs of a policy (an `nn.Module` whose forward has a sequence and a cached step mode)."""
 
-    def initial_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]: ...
+    def initial_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype,
+                      capacity: int | None = None) -> dict[str, Tensor]: ...
 
     def encode_prev_action(self, action: Tensor) -> Tensor: ...
 
@@ -72,7 +73,8 @@ def collect(policy: nn.Module, env: VecTaskEnv, *, num_tasks: int, episodes_per_
     obs_space_dim = env.single_observation_space.shape
     dtype = torch.float32
     action_dtype = torch.long if isinstance(env.single_action_space, gym.spaces.Discrete) else dtype
-    cache = policy.initial_cache(b, device, dtype)
+    # a trial fits, and the look-ahead step that bootstraps a truncation at its end
+    cache = policy.initial_cache(b, device, dtype, capacity=episodes_per_trial * t_max + 1)
     zero_action = policy.encode_prev_action(torch.zeros((b, *env.single_action_space.shape), device=device,
                                                         dtype=action_dtype))
     prev_action = torch.zeros_like(zero_action)
@@ -149,6 +151,13 @@ def policy_step_fn(policy: nn.Module, params: dict[str, Tensor], per_task: bool,
 
     if not per_task:
         return lambda *args: call(params, *args)
+
+    def wide_input_columns(w: Tensor) -> Tensor:
+        """A per-task weight ``[n, out, in]`` with out < in stored input-major (same values, same shape): its
+        batched matrix-vector products then read memory in the order they use it (about 2x faster on CPU)."""
+        return w.transpose(-1, -2).contiguous().transpose(-1, -2) if w.dim() == 3 and w.shape[1] < w.shape[2] else w
+
+    params = {k: wide_input_columns(v) for k, v in params.items()}
 
     def split(x: Tensor) -> Tensor:
         return x.reshape(n, m, *x.shape[1:])

@@ -4,7 +4,8 @@
 
 1. Collection: env-steps/s of `metarl.rollout.collect` on PointNav (horizon 100, one episode per trial) at
    N = 1024 tasks with the Transformer (2 layers, d_model 64, context 200) and the MLP (2x100), shared or
-   per-task (vmapped) parameters.
+   per-task (vmapped) parameters; and the Transformer with per-task parameters in MAML's layout (64 tasks x 16
+   rollouts, also 1024 sub-envs).
 2. Per-step cost at a history of h = 50, 100, 200 steps, batch 1024: one cached step (cache holding h steps)
    vs one sequence-mode pass re-encoding all h steps (what a policy without a cache does every step).
 """
@@ -49,15 +50,16 @@ def make_policy(kind: str, family, device: torch.device, seed: int = 0):
     return policy.to(device)
 
 
-def bench_collect(kind: str, per_task: bool, n: int, device: torch.device, repeat: int) -> float:
+def bench_collect(kind: str, per_task: bool, n: int, device: torch.device, repeat: int, rollouts: int = 1) -> float:
+    """env-steps/s of collecting one episode on each of n * rollouts sub-envs: n tasks, `rollouts` per task."""
     family = metarl.make_family("PointNav", horizon=100)
     policy = make_policy(kind, family, device)
     params = None
     if per_task:
         params, _ = stack_module_state([make_policy(kind, family, device, seed) for seed in range(n)])
-    env = make_rollout_env(family, family.sample(n, 0), device=device)
+    env = make_rollout_env(family, family.sample(n, 0), rollouts, device=device)
     seconds = _timed(lambda: collect(policy, env, num_tasks=n, params=params, per_task=per_task, seed=0), repeat, device)
-    return n * family.horizon / seconds
+    return n * rollouts * family.horizon / seconds
 
 
 @torch.no_grad()
@@ -92,6 +94,11 @@ def run(quick: bool, device: torch.device) -> dict:
             rate = bench_collect(kind, per_task, N, device, repeat)
             collect_rows.append({"policy": kind, "params": "per-task" if per_task else "shared", "env_steps_per_s": rate})
             print(json.dumps(collect_rows[-1]))
+    # MAML's layout: fewer tasks, several rollouts each (the same 1024 sub-envs); each task's weights serve 16 rows
+    rate = bench_collect("transformer", True, N // 16, device, repeat, rollouts=16)
+    collect_rows.append({"policy": "transformer", "params": f"per-task, {N // 16} tasks x 16 rollouts",
+                         "env_steps_per_s": rate})
+    print(json.dumps(collect_rows[-1]))
     step_rows = []
     for h in HISTORIES:
         step_rows.append(bench_step_vs_reencode(h, N, device, 5 if quick else 20))

@@ -416,3 +416,40 @@ def test_bad_config_and_spaces():
         TransformerPolicy(OBS, spaces.MultiDiscrete([2, 3]))
     with pytest.raises(TypeError, match="observation space.*Box\\(0.0, 1.0, \\(2, 2\\)"):
         TransformerPolicy(spaces.Box(0, 1, (2, 2)), ACTION_SPACES["box"])
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_cache_with_a_capacity_below_the_context_gives_sequence_mode(isolate):
+    policy = make_policy(context=12)
+    B, T = 3, 8
+    inputs = make_inputs(policy, B, T)
+    valid = torch.rand(B, T, generator=torch.Generator().manual_seed(1)) > 0.2
+    with torch.no_grad():
+        cache = policy.initial_cache(B, capacity=T)  # the whole trial fits: 8 slots instead of 12
+        assert cache["k0"].shape[2] == T and cache["valid"].shape == (B, T)
+        outs = []
+        for t in range(T):  # history_bound t + 1: attention reads the first t + 1 slots, or all once that is >= 40%
+            out, cache = policy(*(x[:, t] for x in inputs), cache=cache, isolate_episodes=isolate,
+                                step_mask=valid[:, t], inplace=True, history_bound=t + 1)
+            outs.append(out)
+        steps = stack_outputs(outs)
+        full = run_steps(policy, inputs, isolate, valid)  # a cache of `context` slots, no bound
+    for row, expected in enumerate(compacted(policy, inputs, valid, isolate)):
+        assert_outputs_close(PolicyOutput(*(f[row, valid[row]] for f in steps)), PolicyOutput(*(f[0] for f in expected)))
+    assert_outputs_close(PolicyOutput(*(f[valid] for f in steps)), PolicyOutput(*(f[valid] for f in full)))
+    assert policy.initial_cache(2, capacity=50)["valid"].shape == (2, 12)  # never more than the context
+
+
+def test_cache_capacity_errors():
+    policy = make_policy(context=12)
+    inputs = make_inputs(policy, 2, 1)
+    step_inputs = tuple(x[:, 0] for x in inputs)
+    small = policy.initial_cache(2, capacity=4)
+    with pytest.raises(ValueError, match=r"the cache holds 4 steps .*history_bound <= 4, got None"):
+        policy(*step_inputs, cache=small)
+    with pytest.raises(ValueError, match="history_bound <= 4, got 5"):
+        policy(*step_inputs, cache=small, history_bound=5)
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        policy.initial_cache(2, capacity=0)
+    with pytest.raises(ValueError, match=r"expected \(2, C\) with 1 <= C <= context=12"):
+        policy(*step_inputs, cache={**small, "valid": torch.zeros(2, 13, dtype=torch.bool)})
