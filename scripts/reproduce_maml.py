@@ -84,15 +84,29 @@ def markdown(result: dict) -> str:
         steps = " | ".join(f"{v:.2f}" for v in r["gradient_steps"]) if r["gradient_steps"] else " | ".join(["n/a"] * 4)
         episodes = ", ".join(f"{v:.2f}" for v in r["incontext_episodes"])
         label = r["agent"] + (" (first-order)" if r["config"].get("maml.first_order") else "")
-        lines.append(f"| metarl {label} | {r['iterations']} | {steps} | {episodes} | {r['wall_clock_s'] / 60:.1f} min |")
+        seed = f" (seed {r['seed']})" if len(result.get("seeds", [0])) > 1 else ""
+        lines.append(f"| metarl {label}{seed} | {r['iterations']} | {steps} | {episodes} | "
+                     f"{r['wall_clock_s'] / 60:.1f} min |")
+    for name, mean in seed_means(result["runs"]).items():
+        lines.append(f"| metarl {name}, mean of {mean['seeds']} seeds | | "
+                     + " | ".join(f"{v:.2f}" for v in mean["gradient_steps"]) + " | | |")
     return "\n".join(lines) + "\n"
+
+
+def seed_means(runs: list[dict]) -> dict[str, dict]:
+    """Per agent run with several seeds: the mean over seeds of each point of its gradient-step curve."""
+    by_agent: dict[str, list[dict]] = {}
+    for r in runs:
+        by_agent.setdefault(r["agent"], []).append(r)
+    return {name: {"seeds": len(rs), "gradient_steps": [sum(v) / len(v) for v in zip(*(r["gradient_steps"] for r in rs))]}
+            for name, rs in by_agent.items() if len(rs) > 1 and rs[0]["gradient_steps"]}
 
 
 def main() -> None:
     parser = benchmark_parser(__doc__, "tiny budget (a smoke test, not a result)")
     parser.add_argument("--iterations", type=int, default=500, help="meta-iterations per agent (the paper: up to 500)")
     parser.add_argument("--agents", default="mlp", help=f"comma-separated, from {sorted(AGENTS)}")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; each agent trains once per seed")
     parser.add_argument("--runs", default="runs/reproduce_maml", help="parent folder of the run directories")
     args = parser.parse_args()
     names = [a.strip() for a in args.agents.split(",") if a.strip()]
@@ -100,9 +114,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown agent(s) {unknown}; choose from {sorted(AGENTS)}")
     iterations = 2 if args.quick else args.iterations
-    runs = [run_agent(name, iterations, Path(args.runs), args.quick, args.seed) for name in names]
+    seeds = [int(v) for v in args.seeds.split(",")]
+    runs = [run_agent(name, iterations, Path(args.runs), args.quick, seed) for name in names for seed in seeds]
     result = {"benchmark": "reproduce_maml", "quick": args.quick, "machine": machine_info(), "published": PUBLISHED,
-              "target": "after 1 step >= -11.7", "runs": runs}
+              "target": "after 1 step >= -11.7", "seeds": seeds, "runs": runs}
+    result["seed_means"] = seed_means(runs)
     write_results(result, args.out, markdown(result), args.markdown)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import metarl
+from metarl.config import build_config
+from metarl.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +53,24 @@ def test_reproduce_maml_quick_and_resumes(tmp_path):
     mlp, rl2 = result["runs"]
     assert len(mlp["gradient_steps"]) == 4 and len(rl2["incontext_episodes"]) == 2
     assert "-11.7" in (tmp_path / "r.md").read_text()
-    again = subprocess.run(args, capture_output=True, text=True, timeout=900)  # resumes: same numbers
+    args[args.index("mlp,incontext-transformer")] = "mlp"
+    again = subprocess.run([*args, "--seeds", "0,1"], capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["gradient_steps"] == mlp["gradient_steps"]
+    result = json.loads((tmp_path / "r.json").read_text())
+    seed0, seed1 = result["runs"]
+    assert seed0["gradient_steps"] == mlp["gradient_steps"]  # seed 0 resumed from its finished run: same numbers
+    assert seed1["seed"] == 1 and seed1["gradient_steps"] != mlp["gradient_steps"]
+    means = result["seed_means"]["mlp"]
+    assert means["seeds"] == 2 and means["gradient_steps"][1] == (seed0["gradient_steps"][1] + seed1["gradient_steps"][1]) / 2
+    assert "mlp, mean of 2 seeds" in (tmp_path / "r.md").read_text()
+
+
+def test_reproduce_maml_agent_configs_are_valid():
+    spec = importlib.util.spec_from_file_location("reproduce_maml", ROOT / "scripts" / "reproduce_maml.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, overrides in module.AGENTS.items():
+        config = build_config(TrainConfig, None, {**module.PAPER, **overrides})
+        assert config.batch.meta_batch == 20 and config.mlp.init == "glorot", name
+    authors = build_config(TrainConfig, None, {**module.PAPER, **module.AGENTS["mlp-authors-code"]})
+    assert (authors.maml.inner_lr, authors.eval_trajectories, authors.eval_step_sizes) == (0.5, 40, (0.5, 0.25))
