@@ -16,6 +16,7 @@ agent's own evaluation samples them). Every seed derives from the evaluation see
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -122,8 +124,10 @@ def _ppo(env: DummyVecEnv, mlp: MLPConfig, n_steps: int, seed: int) -> PPO:
               "log_std_init": mlp.init_log_std}
     if isinstance(env.action_space, gym.spaces.Discrete):
         del kwargs["log_std_init"]
-    return PPO("MlpPolicy", env, n_steps=n_steps, batch_size=n_steps, policy_kwargs=kwargs, seed=seed, device="cpu",
-               verbose=0)
+    model = PPO("MlpPolicy", env, n_steps=n_steps, batch_size=n_steps, policy_kwargs=kwargs, seed=seed, device="cpu",
+                verbose=0)
+    model.set_logger(Logger(None, []))  # SB3's default logger makes an empty SB3-<time> folder in /tmp per learn()
+    return model
 
 
 def normalized_actions(family: TaskFamily, mlp: MLPConfig) -> bool:
@@ -290,9 +294,14 @@ def scratch(family: TaskFamily, mlp: MLPConfig, tasks: Tasks, steps: int, trials
 
 def evaluate_baselines(agent, names: Sequence[str], task_sets: Mapping[str, Tasks], steps: int, episodes: int | None,
                        seed: int, config: BaselineConfig | None = None, trajectories: int | None = None,
-                       step_sizes: Sequence[float] = ()) -> list[AdaptationResult]:
+                       step_sizes: Sequence[float] = (), verbose: bool = False) -> list[AdaptationResult]:
     """The `names` baselines on each split's tasks (`task_sets`: split -> the agent's evaluation tasks); the SB3
-    population policies are trained once and shared by the splits."""
+    population policies are trained once and shared by the splits. `verbose` reports progress on stderr."""
+
+    def say(message: str) -> None:
+        if verbose:
+            print(f"baselines: {message}", file=sys.stderr, flush=True)
+
     config = config or BaselineConfig()
     family = agent.family
     mlp, _ = _agent_mlp(agent)
@@ -300,12 +309,15 @@ def evaluate_baselines(agent, names: Sequence[str], task_sets: Mapping[str, Task
     models = {}
     with torch.random.fork_rng():
         if "pretrained" in names:
+            say(f"training SB3 PPO on the train tasks for {config.ppo_steps} steps (pretrained)")
             models["pretrained"] = train_population_ppo(family, mlp, config, _seed(seed, 50), oracle=False)
         if "oracle" in names:
+            say(f"training SB3 PPO with the task in the observation for {config.ppo_steps} steps (oracle)")
             models["oracle"] = train_population_ppo(family, mlp, config, _seed(seed, 51), oracle=True)
         results = []
-        for tasks in task_sets.values():
+        for split, tasks in task_sets.items():
             for name in names:
+                say(f"{name} on {len(tasks)} {split} tasks")
                 if name == "random-init":
                     results.append(random_init(agent, tasks, steps, episodes, seed, trajectories, step_sizes))
                 elif name == "pretrained":
@@ -321,13 +333,14 @@ def evaluate_baselines(agent, names: Sequence[str], task_sets: Mapping[str, Task
 
 def evaluate_all(agent, splits: Sequence[str], num_tasks: int, steps: int, episodes: int | None = None, seed: int = 0,
                  baselines: Sequence[str] = (), config: BaselineConfig | None = None,
-                 trajectories: int | None = None, step_sizes: Sequence[float] = ()) -> list[AdaptationResult]:
+                 trajectories: int | None = None, step_sizes: Sequence[float] = (),
+                 verbose: bool = False) -> list[AdaptationResult]:
     """The agent's `evaluate_adaptation` on each split, then the `baselines` on the same tasks, split by split."""
     from metarl.evaluation import evaluate_adaptation, heldout_tasks
 
     task_sets = {split: heldout_tasks(agent.family, split, num_tasks, seed) for split in splits}
     own = [evaluate_adaptation(agent, agent.family, split, num_tasks, steps, episodes, seed,
                                trajectories=trajectories, step_sizes=step_sizes) for split in splits]
-    others = (evaluate_baselines(agent, baselines, task_sets, steps, episodes, seed, config, trajectories, step_sizes)
-              if baselines else [])
+    others = (evaluate_baselines(agent, baselines, task_sets, steps, episodes, seed, config, trajectories, step_sizes,
+                                 verbose) if baselines else [])
     return sorted(own + others, key=lambda r: list(splits).index(r.split))

@@ -70,7 +70,7 @@ def _evaluate(args: argparse.Namespace, argv: Sequence[str]) -> None:
     command = shlex.join(["metarl", *argv])
     results, paths = evaluate_run(args.run_dir, args.split, args.num_tasks, args.steps, args.episodes, args.seed,
                                   args.baselines, args.baseline_steps, args.out, args.device, command=command,
-                                  trajectories=args.trajectories, step_sizes=args.step_sizes)
+                                  trajectories=args.trajectories, step_sizes=args.step_sizes, verbose=True)
     print(table(results))
     print(f"report: {paths['table'].parent} (eval.json, eval.csv, eval.png, table.md; TensorBoard: {paths['tensorboard']})")
 

@@ -235,7 +235,7 @@ def load_run(run_dir: str | Path, device: str | None = None):
 def evaluate_run(run_dir: str | Path, split: str = "test", num_tasks: int = 40, steps: int | None = None,
                  episodes: int | None = None, seed: int | None = None, baselines: str = "", baseline_steps: int = 50_000,
                  out: str | Path | None = None, device: str | None = None, command: str | None = None,
-                 trajectories: int | None = None, step_sizes: Sequence[float] = ()):
+                 trajectories: int | None = None, step_sizes: Sequence[float] = (), verbose: bool = False):
     """`metarl evaluate`: evaluates a run's latest checkpoint on `split` (test, ood or both) and writes the report
     (JSON, CSV, PNG, table, TensorBoard) to `out` (default RUN_DIR/eval-<split>). Returns (results, paths)."""
     from metarl.baselines import BaselineConfig, evaluate_all, parse_baselines
@@ -251,6 +251,6 @@ def evaluate_run(run_dir: str | Path, split: str = "test", num_tasks: int = 40, 
         raise ValueError(f"{learner.family.name} has no {missing[0]!r} split; its splits: {list(learner.family.splits())}")
     steps = config.eval_steps if steps is None else steps
     results = evaluate_all(learner, splits, num_tasks, steps, episodes, config.seed if seed is None else seed, names,
-                           BaselineConfig(ppo_steps=baseline_steps), trajectories, step_sizes)
+                           BaselineConfig(ppo_steps=baseline_steps), trajectories, step_sizes, verbose)
     paths = write_report(results, Path(out) if out is not None else Path(run_dir) / f"eval-{split}", command=command)
     return results, paths

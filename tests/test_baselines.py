@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -66,7 +67,9 @@ def test_wrappers_sample_train_tasks_and_append_parameters():
     assert env.unwrapped.get_task()["goal"] != goal
 
 
-def test_baselines_are_seeded_and_use_the_agents_tasks():
+def test_baselines_are_seeded_and_use_the_agents_tasks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where SB3's default logger would make its folders
+    monkeypatch.setattr(tempfile, "tempdir", None)
     family = metarl.make_family("PointNav", horizon=5)
 
     def run(seed: int) -> list[dict]:
@@ -80,6 +83,8 @@ def test_baselines_are_seeded_and_use_the_agents_tasks():
 
     a, b = run(0), run(0)
     assert json.dumps(a) == json.dumps(b)
+    assert list(tmp_path.glob("SB3-*")) == []  # PPO.learn left no SB3-<time> folder behind
+    assert capsys.readouterr().err == ""  # quiet unless verbose
     assert [r["method"] for r in a] == ["random-init", "pretrained", "oracle", "scratch"]
     oracle = a[2]["per_task"]["gradient_steps"]
     assert oracle[0] == oracle[1]  # no adaptation: a flat row

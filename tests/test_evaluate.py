@@ -185,7 +185,10 @@ def test_cli_evaluate_errors(tmp_path, capsys):
                                                   "iterations": 1}), run_dir)
     assert "Bandit has no 'ood' split" in error(str(run_dir), "--split", "ood", "--num-tasks", "2")
     assert "unknown baseline" in error(str(run_dir), "--baselines", "nope")
-    assert "expected comma-separated numbers, got 'a,b'" in error(str(run_dir), "--step-sizes", "a,b")
+    with pytest.raises(SystemExit) as exit_info:  # argparse rejects it while parsing
+        main(["evaluate", str(run_dir), "--step-sizes", "a,b"])
+    assert exit_info.value.code == 2
+    assert "--step-sizes: expected comma-separated numbers, got 'a,b'" in capsys.readouterr().err
     for ckpt in run_dir.glob("ckpt-*.pt"):
         ckpt.unlink()
     assert "no checkpoint" in error(str(run_dir), "--num-tasks", "2")
