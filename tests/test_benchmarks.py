@@ -39,7 +39,9 @@ def test_bench_envs(tmp_path):
 def test_bench_rollout(tmp_path):
     result = run_script("bench_rollout.py", tmp_path)
     assert {(r["policy"], r["params"]) for r in result["collect"]} == {
-        (p, k) for p in ("transformer", "mlp") for k in ("shared", "per-task")}
+        (p, k) for p in ("transformer", "mlp") for k in ("shared", "per-task")} | {
+        ("transformer", "per-task, 64 tasks x 16 rollouts")}
+    assert all(r["env_steps_per_s"] > 0 for r in result["collect"])
     assert [r["history"] for r in result["step_vs_reencode"]] == [50, 100, 200]
     assert all(r["cached_step_ms"] > 0 and r["reencode_step_ms"] > 0 for r in result["step_vs_reencode"])
 
