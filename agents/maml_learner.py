@@ -81,8 +81,7 @@ def check_step_sizes(step_sizes: Sequence[float], meta_sgd: bool) -> list[float]
     lrs = [float(v) for v in step_sizes]
     if lrs and meta_sgd:
         raise ValueError(f"step_sizes={lrs} cannot override the learned Meta-SGD step sizes (maml.meta_sgd is True)")
-    bad = [v for v in lrs if not math.isfinite(v) or v < 0]
-    if bad:
+    if any(not math.isfinite(v) or v < 0 for v in lrs):
         raise ValueError(f"step sizes must be finite and >= 0, got {lrs}")
     return lrs
 

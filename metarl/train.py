@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +12,7 @@ import torch
 from metarl import distributed
 from metarl.agents.incontext import InContextConfig, InContextLearner
 from metarl.agents.maml import MAMLConfig
-from metarl.agents.maml_learner import MAMLLearner, MetaBatchConfig, OuterConfig
+from metarl.agents.maml_learner import MAMLLearner, MetaBatchConfig, OuterConfig, check_step_sizes
 from metarl.agents.mlp import MLPConfig, MLPPolicy
 from metarl.agents.transformer import TransformerConfig, TransformerPolicy
 from metarl.config import config_to_dict, save_config
@@ -72,8 +71,7 @@ class TrainConfig:
                              f"{self.eval_tasks}, {self.eval_steps}")
         if self.eval_trajectories is not None and self.eval_trajectories < 1:
             raise ValueError(f"eval_trajectories must be >= 1 (or None), got {self.eval_trajectories}")
-        if any(not math.isfinite(v) or v < 0 for v in self.eval_step_sizes):
-            raise ValueError(f"eval_step_sizes must be finite and >= 0, got {list(self.eval_step_sizes)}")
+        check_step_sizes(self.eval_step_sizes, meta_sgd=False)
         parse_env_options(self.env_options)
 
 

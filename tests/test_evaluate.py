@@ -101,7 +101,7 @@ def test_step_sizes_set_each_evaluation_step(monkeypatch):
     meta_sgd = MAMLLearner(agent.policy, agent.family, MAMLConfig(meta_sgd=True), batch=agent.batch)
     with pytest.raises(ValueError, match="cannot override the learned Meta-SGD step sizes"):
         evaluate_adaptation(meta_sgd, agent.family, "test", num_tasks=3, steps=1, step_sizes=(0.5,))
-    with pytest.raises(ValueError, match="eval_step_sizes must be finite"):
+    with pytest.raises(ValueError, match="step sizes must be finite and >= 0"):
         build_config(TrainConfig, None, {**TINY, "eval_step_sizes": (float("nan"),)})
 
 
