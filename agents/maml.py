@@ -58,14 +58,26 @@ class MAMLConfig:
     """Learn a step size per parameter entry (Meta-SGD); `adapt` then takes them from `init_step_sizes`."""
     isolate_episodes: bool = False
     """Reset the policy's history at every episode start in the inner loss (else it runs through the trial)."""
+    task_chunk: int | None = None
+    """Tasks per vectorised call (``vmap``'s chunk_size) in adaptation and the outer losses; None: the whole
+    meta-batch at once. On a CPU a few tasks per chunk keep each chunk's activations in cache and can be much
+    faster (docs/results/bench_maml.md). Gradients agree up to float rounding, which TRPO's conjugate gradient can
+    amplify: runs with different chunks are close, not bit-identical."""
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
+        check_task_chunk(self.task_chunk)
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
             raise ValueError(f"gamma and gae_lambda must lie in [0, 1], got {self.gamma}, {self.gae_lambda}")
         if not self.adapt.strip() or any(not p.strip() for p in self.adapt.split(",")):
             raise ValueError(f"adapt must be 'all', 'heads' or comma-separated name prefixes, got {self.adapt!r}")
+
+
+def check_task_chunk(chunk: int | None) -> None:
+    """Raises unless `chunk` is None or a positive int."""
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"task_chunk must be None (all tasks at once) or an int >= 1, got {chunk!r}")
 
 
 def adapted_names(params: Params, adapt: str) -> list[str]:
@@ -141,22 +153,27 @@ class AffineLayerNormSplit(TorchFunctionMode):
         return y if bias is None else y + bias
 
 
-def _over_tasks(fn: Callable[..., Any], traj: Trajectories, *args: Any, in_dims: tuple[int | None, ...] | None = None) -> Any:
-    """``vmap`` over tasks of ``fn(one_task_traj, *args)``; `in_dims` for `args` (default 0 each: stacked ``[N, ...]``)."""
+def _over_tasks(fn: Callable[..., Any], traj: Trajectories, *args: Any, in_dims: tuple[int | None, ...] | None = None,
+                chunk: int | None = None) -> Any:
+    """``vmap`` over tasks of ``fn(one_task_traj, *args)``; `in_dims` for `args` (default 0 each: stacked ``[N, ...]``);
+    `chunk` tasks per vectorised call (None: all)."""
+    check_task_chunk(chunk)
     k = traj.episodes_per_trial
 
     def one(fields: dict[str, Tensor], *xs: Any) -> Any:
         return fn(Trajectories(**fields, episodes_per_trial=k), *xs)
 
     dims = (0,) * len(args) if in_dims is None else in_dims
-    return vmap(one, in_dims=(0, *dims))(_tensor_fields(traj), *args)
+    return vmap(one, in_dims=(0, *dims), chunk_size=chunk)(_tensor_fields(traj), *args)
 
 
 def batched_policy_outputs(
-    policy: HistoryPolicy, task_params: Params, traj: Trajectories, isolate_episodes: bool = False
+    policy: HistoryPolicy, task_params: Params, traj: Trajectories, isolate_episodes: bool = False,
+    task_chunk: int | None = None,
 ) -> PolicyOutput:
-    """`policy_outputs` of every task with its own parameters (stacked ``[N, ...]``) -> PolicyOutput ``[N, E, T, ...]``."""
-    return _over_tasks(lambda tr, p: policy_outputs(policy, p, tr, isolate_episodes), traj, task_params)
+    """`policy_outputs` of every task with its own parameters (stacked ``[N, ...]``) -> PolicyOutput ``[N, E, T, ...]``;
+    `task_chunk` tasks per vectorised call (None: all)."""
+    return _over_tasks(lambda tr, p: policy_outputs(policy, p, tr, isolate_episodes), traj, task_params, chunk=task_chunk)
 
 
 def inner_loss(
@@ -220,7 +237,7 @@ def adapt(
     for step in range(config.inner_steps):
         in_dims = (None if step == 0 and not stacked else 0, 0 if stacked else None, 0)  # shared or per task
         with AffineLayerNormSplit():
-            grads = _over_tasks(task_grad, support, fast, fixed, advantages, in_dims=in_dims)  # each (N, ...)
+            grads = _over_tasks(task_grad, support, fast, fixed, advantages, in_dims=in_dims, chunk=config.task_chunk)
         if config.first_order:
             grads = {k: g.detach() for k, g in grads.items()}
         fast = {k: fast[k] - lrs[k] * grads[k] for k in names}
@@ -244,7 +261,7 @@ def _ratio(policy: HistoryPolicy, params: Params, traj: Trajectories, old_log_pr
 
 def _ratio_objective(
     policy: HistoryPolicy, adapted_params: Params, query: Trajectories, old_log_probs: Tensor, advantages: Tensor,
-    isolate_episodes: bool, clip: float | None,
+    isolate_episodes: bool, clip: float | None, task_chunk: int | None,
 ) -> Tensor:
     """Mean over tasks of -(mean over valid steps of r A), or of PPO's min(r A, clip(r) A) when `clip` is set."""
     _check_task_tensor("old_log_probs", old_log_probs, query)
@@ -257,7 +274,7 @@ def _ratio_objective(
             objective = torch.minimum(objective, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
         return -_masked_mean(objective, traj.valid)
 
-    return _over_tasks(one, query, adapted_params, old_log_probs, advantages).mean()
+    return _over_tasks(one, query, adapted_params, old_log_probs, advantages, chunk=task_chunk).mean()
 
 
 def outer_surrogate(
@@ -267,12 +284,14 @@ def outer_surrogate(
     old_log_probs: Tensor,
     advantages: Tensor,
     isolate_episodes: bool = False,
+    task_chunk: int | None = None,
 ) -> Tensor:
     """TRPO surrogate loss: mean over tasks of -(mean over valid steps of exp(logp_new - logp_old) * A).
 
-    `adapted_params` stacked ``[N, ...]`` (from `adapt`); `old_log_probs`, `advantages` ``[N, E, T]`` (constants).
+    `adapted_params` stacked ``[N, ...]`` (from `adapt`); `old_log_probs`, `advantages` ``[N, E, T]`` (constants);
+    `task_chunk` tasks per vectorised call (None: all).
     """
-    return _ratio_objective(policy, adapted_params, query, old_log_probs, advantages, isolate_episodes, None)
+    return _ratio_objective(policy, adapted_params, query, old_log_probs, advantages, isolate_episodes, None, task_chunk)
 
 
 def ppo_outer_loss(
@@ -283,15 +302,17 @@ def ppo_outer_loss(
     advantages: Tensor,
     isolate_episodes: bool = False,
     clip: float = 0.2,
+    task_chunk: int | None = None,
 ) -> Tensor:
     """PPO clipped loss: mean over tasks of -(mean over valid steps of min(r A, clip(r, 1 - clip, 1 + clip) A))."""
     if clip <= 0:
         raise ValueError(f"clip must be > 0, got {clip}")
-    return _ratio_objective(policy, adapted_params, query, old_log_probs, advantages, isolate_episodes, clip)
+    return _ratio_objective(policy, adapted_params, query, old_log_probs, advantages, isolate_episodes, clip, task_chunk)
 
 
 def outer_kl(
-    policy: HistoryPolicy, adapted_params: Params, query: Trajectories, old_outputs: PolicyOutput, isolate_episodes: bool = False
+    policy: HistoryPolicy, adapted_params: Params, query: Trajectories, old_outputs: PolicyOutput,
+    isolate_episodes: bool = False, task_chunk: int | None = None,
 ) -> Tensor:
     """Mean over tasks of the mean over valid steps of KL(old || new).
 
@@ -305,4 +326,4 @@ def outer_kl(
         old = PolicyOutput(_zero_padding(old_dist, traj.valid), _zero_padding(old_log_std, traj.valid), old_value)
         return _masked_mean(policy.kl(old, out), traj.valid)
 
-    return _over_tasks(one, query, adapted_params, *old_outputs).mean()
+    return _over_tasks(one, query, adapted_params, *old_outputs, chunk=task_chunk).mean()

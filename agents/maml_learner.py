@@ -174,7 +174,7 @@ class MAMLLearner(SB3Surface):
     def _trpo_update(self, support: Trajectories, query: Trajectories, adapted: Params, adv: Tensor,
                      weight: float = 1.0) -> dict[str, float]:
         with torch.no_grad():
-            old = batched_policy_outputs(self.policy, adapted, query, self.maml.isolate_episodes)
+            old = batched_policy_outputs(self.policy, adapted, query, self.maml.isolate_episodes, self.maml.task_chunk)
         full = {k: v.detach().requires_grad_() for k, v in self._params().items()}
         full |= {_STEP_PREFIX + k: v.detach().requires_grad_() for k, v in (self.step_sizes or {}).items()}
 
@@ -184,10 +184,10 @@ class MAMLLearner(SB3Surface):
 
         def loss_fn(p: Params) -> Tensor:  # this shard's term of the global mean over tasks
             return weight * outer_surrogate(self.policy, adapted_of(p), query, query.log_probs, adv,
-                                            self.maml.isolate_episodes)
+                                            self.maml.isolate_episodes, self.maml.task_chunk)
 
         def kl_fn(p: Params) -> Tensor:
-            return weight * outer_kl(self.policy, adapted_of(p), query, old, self.maml.isolate_episodes)
+            return weight * outer_kl(self.policy, adapted_of(p), query, old, self.maml.isolate_episodes, self.maml.task_chunk)
 
         o = self.outer
         new, info = trpo_step(full, loss_fn, kl_fn, max_kl=o.max_kl, cg_iters=o.cg_iters, cg_damping=o.cg_damping,
@@ -214,7 +214,7 @@ class MAMLLearner(SB3Surface):
         for _ in range(self.outer.ppo_epochs):
             adapted = self._adapt(self._params(), support)  # re-adapt from the support data each epoch
             loss = ppo_outer_loss(self.policy, adapted, query, query.log_probs, adv, self.maml.isolate_episodes,
-                                  self.outer.ppo_clip)
+                                  self.outer.ppo_clip, self.maml.task_chunk)
             self.optimizer.zero_grad()
             (weight * loss).backward()  # this shard's term of the global mean over tasks
             trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -225,7 +225,7 @@ class MAMLLearner(SB3Surface):
         with torch.no_grad():
             adapted = self._adapt(self._params(), support)
             new_out = batched_policy_outputs(self.policy, {k: v.detach() for k, v in adapted.items()}, query,
-                                             self.maml.isolate_episodes)
+                                             self.maml.isolate_episodes, self.maml.task_chunk)
             approx_kl = (query.log_probs - self.policy.log_prob(new_out, query.actions))[query.valid].mean().item()
             entropy = self.policy.entropy(new_out)[query.valid].mean().item()
         return weighted_metrics({"loss/outer": losses[-1], "loss/outer_before": losses[0], "policy/kl": approx_kl,

@@ -187,6 +187,27 @@ def test_meta_gradient_matches_per_task_loop(kind, action, first_order, inner_st
     assert max(float(g.abs().max()) for g in got.values()) > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_task_chunks_give_the_same_losses_and_meta_gradient(kind, chunk):
+    policy, params, cfg, support, query, old, adv = setup(kind, "box", inner_steps=2)
+    chunked = dataclasses.replace(cfg, task_chunk=chunk)
+    got = batched_meta_gradient(policy, params, support, query, old, adv, chunked)
+    want = batched_meta_gradient(policy, params, support, query, old, adv, cfg)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-10, rtol=1e-10, msg=k)
+    adapted = adapt(policy, params, support, cfg)
+    outputs = batched_policy_outputs(policy, adapted, query)
+    for x, y in zip(batched_policy_outputs(policy, adapted, query, task_chunk=chunk), outputs):
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=0)
+    moved = {k: v + 0.05 * torch.randn_like(v) for k, v in adapted.items()}
+    old_outputs = PolicyOutput(*(x.detach() for x in outputs))
+    torch.testing.assert_close(outer_kl(policy, moved, query, old_outputs, task_chunk=chunk),
+                               outer_kl(policy, moved, query, old_outputs), atol=1e-12, rtol=0)
+    torch.testing.assert_close(ppo_outer_loss(policy, moved, query, old, adv, task_chunk=chunk),
+                               ppo_outer_loss(policy, moved, query, old, adv), atol=1e-12, rtol=0)
+
+
 def meta_objective(policy, cfg, support, query, old, adv):
     return lambda p: outer_surrogate(policy, adapt(policy, p, support, cfg), query, old, adv)
 
@@ -389,6 +410,11 @@ def test_bad_inputs_are_named():
         MAMLConfig(adapt="body,")
     with pytest.raises(ValueError, match="inner_steps"):
         MAMLConfig(inner_steps=0)
+    for chunk in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=f"task_chunk must be None .* got {chunk!r}"):
+            MAMLConfig(task_chunk=chunk)
+    with pytest.raises(ValueError, match="task_chunk must be"):
+        outer_surrogate(policy, adapt(policy, params, support, cfg), query, old, adv, task_chunk=0)
     with pytest.raises(ValueError, match="step_sizes"):
         adapt(policy, params, support, MAMLConfig(meta_sgd=True))
     with pytest.raises(ValueError, match="episodes_per_trial=3"):
