@@ -1,8 +1,8 @@
 """Reproduce the MAML paper's 2D-navigation result, then run the Transformer agents on the same held-out tasks.
 
     python scripts/reproduce_maml.py --out docs/results/reproduce_maml.json [--quick] [--iterations 500]
-        [--agents mlp,mlp-authors-code,maml-transformer,incontext-transformer,both]
-        [--markdown docs/results/reproduce_maml.md]
+        [--agents mlp,mlp-authors-code,maml-transformer,incontext-transformer,both] [--seeds 0,1,2]
+        [--set maml.task_chunk=4 ...] [--runs runs/reproduce_maml] [--markdown docs/results/reproduce_maml.md]
 
 Setup (Finn et al. 2017): PointNav, horizon 100, MLP 2x100 ReLU (Glorot-uniform weights, zero biases, as in the
 authors' code), inner step = vanilla policy gradient with a linear feature baseline, inner lr 0.1, outer TRPO (max KL
@@ -12,7 +12,9 @@ authors' code), inner step = vanilla policy gradient with a linear feature basel
 with 0.5 and evaluated it with 40 trajectories per step and half the step size after the first step: agent
 "mlp-authors-code" runs that configuration next to "mlp". Each agent trains in its own run directory under --runs
 (TensorBoard logs, checkpoints, config.json), exactly as `metarl train` would; rerunning the script resumes an
-interrupted run from its last checkpoint. "wall clock" is the training time (without evaluation).
+interrupted run from its last checkpoint (a run directory made with a different configuration is refused: pick
+another --runs). `--set KEY=VALUE` overrides a config key for every agent (VALUE read as JSON when it parses, else as
+a string). "wall clock" is the training time (without evaluation).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 from pathlib import Path
 
 from metarl.checkpoint import latest_checkpoint
-from metarl.config import build_config
+from metarl.config import build_config, config_to_dict
 from metarl.machine import benchmark_parser, machine_info, write_results
 from metarl.train import TrainConfig, run_training
 
@@ -50,14 +52,46 @@ AGENTS = {
 }
 
 
-def run_agent(name: str, iterations: int, runs: Path, quick: bool, seed: int) -> dict:
-    overrides = {**PAPER, **AGENTS[name], "iterations": iterations, "seed": seed, "progress": False,
+RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "progress")
+"""Config keys that may differ between a run directory's saved config and the one that resumes it."""
+
+
+def check_same_run(run_dir: Path, config: TrainConfig) -> None:
+    """Raises SystemExit when `run_dir` holds a run made with another configuration (keys other than
+    `RESUMABLE_CHANGES` differ), which resuming would silently mix into this one."""
+    saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        return
+    saved, now = json.loads(saved_path.read_text()), config_to_dict(config)
+    differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if differ:
+        raise SystemExit(f"{run_dir} holds a run with a different configuration (keys {differ}); choose another "
+                         "--runs folder or remove it")
+
+
+def parse_sets(pairs: list[str]) -> dict[str, object]:
+    """`["maml.task_chunk=4", "maml.adapt=heads"]` -> {"maml.task_chunk": 4, "maml.adapt": "heads"}."""
+    overrides: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            overrides[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = text
+    return overrides
+
+
+def run_agent(name: str, iterations: int, runs: Path, quick: bool, seed: int, extra: dict | None = None) -> dict:
+    overrides = {**PAPER, **AGENTS[name], **(extra or {}), "iterations": iterations, "seed": seed, "progress": False,
                  "checkpoint_every": max(1, iterations // 10)}
     if quick:
         overrides.update({"batch.meta_batch": 2, "batch.trajectories_per_task": 2, "eval_tasks": 3,
                           "incontext.meta_batch": 2, "incontext.trials_per_task": 1, "incontext.minibatches": 1})
     config = build_config(TrainConfig, None, overrides)
     run_dir = runs / f"{name}-seed{seed}{'-quick' if quick else ''}"
+    check_same_run(run_dir, config)
     # an interrupted reproduction continues from its last checkpoint (same result as one uninterrupted run)
     result = run_training(config, run_dir, resume=latest_checkpoint(run_dir) is not None)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -108,6 +142,8 @@ def main() -> None:
     parser.add_argument("--agents", default="mlp", help=f"comma-separated, from {sorted(AGENTS)}")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; each agent trains once per seed")
     parser.add_argument("--runs", default="runs/reproduce_maml", help="parent folder of the run directories")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every agent, e.g. maml.task_chunk=4 (repeatable)")
     args = parser.parse_args()
     names = [a.strip() for a in args.agents.split(",") if a.strip()]
     unknown = sorted(set(names) - set(AGENTS))
@@ -115,9 +151,10 @@ def main() -> None:
         parser.error(f"unknown agent(s) {unknown}; choose from {sorted(AGENTS)}")
     iterations = 2 if args.quick else args.iterations
     seeds = [int(v) for v in args.seeds.split(",")]
-    runs = [run_agent(name, iterations, Path(args.runs), args.quick, seed) for name in names for seed in seeds]
+    extra = parse_sets(args.set)
+    runs = [run_agent(name, iterations, Path(args.runs), args.quick, seed, extra) for name in names for seed in seeds]
     result = {"benchmark": "reproduce_maml", "quick": args.quick, "machine": machine_info(), "published": PUBLISHED,
-              "target": "after 1 step >= -11.7", "seeds": seeds, "runs": runs}
+              "target": "after 1 step >= -11.7", "seeds": seeds, "overrides": extra, "runs": runs}
     result["seed_means"] = seed_means(runs)
     write_results(result, args.out, markdown(result), args.markdown)
 

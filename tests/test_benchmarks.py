@@ -6,10 +6,13 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 import metarl
-from metarl.config import build_config
+from metarl.config import build_config, save_config
 from metarl.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,12 +68,34 @@ def test_reproduce_maml_quick_and_resumes(tmp_path):
     means = result["seed_means"]["mlp"]
     assert means["seeds"] == 2 and means["gradient_steps"][1] == (seed0["gradient_steps"][1] + seed1["gradient_steps"][1]) / 2
     assert "mlp, mean of 2 seeds" in (tmp_path / "r.md").read_text()
+    changed = subprocess.run([*args, "--set", "maml.inner_lr=0.5"], capture_output=True, text=True, timeout=900)
+    assert changed.returncode != 0 and "different configuration (keys ['maml'])" in changed.stderr
 
 
-def test_reproduce_maml_agent_configs_are_valid():
+def load_reproduce_maml():
     spec = importlib.util.spec_from_file_location("reproduce_maml", ROOT / "scripts" / "reproduce_maml.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_reproduce_maml_set_overrides_and_refuses_other_runs(tmp_path):
+    module = load_reproduce_maml()
+    sets = module.parse_sets(["maml.task_chunk=4", "maml.adapt=heads", "eval_step_sizes=[0.5, 0.25]"])
+    assert sets == {"maml.task_chunk": 4, "maml.adapt": "heads", "eval_step_sizes": [0.5, 0.25]}
+    config = build_config(TrainConfig, None, {**module.PAPER, **module.AGENTS["maml-transformer"], **sets})
+    assert config.maml.task_chunk == 4 and config.eval_step_sizes == (0.5, 0.25)
+    for bad in ("maml.task_chunk", "=4"):
+        with pytest.raises(SystemExit, match=f"KEY=VALUE, got {bad!r}"):
+            module.parse_sets([bad])
+    save_config(config, tmp_path / "config.json")
+    module.check_same_run(tmp_path, replace(config, iterations=config.iterations + 10, progress=not config.progress))
+    with pytest.raises(SystemExit, match=r"different configuration \(keys \['seed'\]\)"):
+        module.check_same_run(tmp_path, replace(config, seed=config.seed + 1))
+
+
+def test_reproduce_maml_agent_configs_are_valid():
+    module = load_reproduce_maml()
     for name, overrides in module.AGENTS.items():
         config = build_config(TrainConfig, None, {**module.PAPER, **overrides})
         assert config.batch.meta_batch == 20 and config.mlp.init == "glorot", name
