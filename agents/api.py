@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from tqdm.auto import trange
 
 from metarl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metarl.config import config_from_dict, config_to_dict
-from metarl.family import make_family
+from metarl.family import TaskFamily, make_family
 from metarl.rollout import policy_step_fn
 
 from .incontext import InContextConfig, InContextLearner
@@ -55,22 +56,43 @@ def save(learner, path: str | Path) -> None:
                            "iterations_done": getattr(learner, "iterations_done", 0)})
 
 
-def load(path: str | Path, device: torch.device | str = "cpu"):
-    """Rebuilds a learner saved with `save` (a MAMLLearner or an InContextLearner) on `device`."""
+def load(path: str | Path, device: torch.device | str = "cpu", family: TaskFamily | None = None):
+    """Rebuilds a learner saved with `save` (a MAMLLearner or an InContextLearner) on `device`.
+
+    Its task family is made again by its saved name and options, or is `family` when given: a family built in
+    code (e.g. `gym_family(...)`) and never registered must be passed this way. It must carry the saved name and
+    the policy's spaces."""
     data = load_checkpoint(path)
     if data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a saved metarl learner (format {data.get('format')!r}, expected {FORMAT!r}); "
                               f"training checkpoints are resumed with `metarl train --resume RUN_DIR`")
     spec = data["spec"]
-    family = make_family(spec["family"], **spec["family_options"])
+    family = _saved_family(path, spec, family)
     policy_cls, policy_config_cls = _POLICIES[spec["policy"]]
     policy = policy_cls(family.observation_space, family.action_space, config_from_dict(policy_config_cls, spec["policy_config"]))
     configs = {name: config_from_dict(cls, spec["configs"][name]) for name, cls in _LEARNER_CONFIGS[spec["learner"]].items()}
     cls = MAMLLearner if spec["learner"] == "MAMLLearner" else InContextLearner
     learner = cls(policy, family, **configs, device=device, seed=spec["seed"])
-    learner.load_state_dict(data["state"])
+    try:
+        learner.load_state_dict(data["state"])
+    except RuntimeError as exc:  # parameter shapes differ: the family's spaces are not the ones it trained on
+        raise ValueError(f"{path}: the saved policy does not fit task family {family.name!r} (observation space "
+                         f"{family.observation_space}, action space {family.action_space}): {exc}") from exc
     learner.iterations_done = int(data["iterations_done"])
     return learner
+
+
+def _saved_family(path: str | Path, spec: dict[str, Any], family: TaskFamily | None) -> TaskFamily:
+    """The family a saved learner trained on: `family` if given (checked against the saved name), else made by name."""
+    if family is not None:
+        if family.name != spec["family"]:
+            raise ValueError(f"{path} was trained on task family {spec['family']!r}, but family={family.name!r} was given")
+        return family
+    try:
+        return make_family(spec["family"], **spec["family_options"])
+    except KeyError as exc:
+        raise KeyError(f"{path}: its task family {spec['family']!r} is not known in this process ({exc.args[0]}); "
+                       f"register it, or pass the family itself: load(path, family=...)") from exc
 
 
 def predict(learner, observation: np.ndarray | Tensor, state: dict[str, Tensor] | None = None,

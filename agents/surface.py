@@ -19,11 +19,12 @@ class SB3Surface:
         save(self, path)
 
     @classmethod
-    def load(cls, path, device="cpu"):
-        """The learner saved at `path`; raises TypeError if it is another learner class."""
+    def load(cls, path, device="cpu", family=None):
+        """The learner saved at `path` (`family`: its task family, needed when that is not registered by name);
+        raises TypeError if it is another learner class."""
         from .api import load
 
-        learner = load(path, device)
+        learner = load(path, device, family)
         if not isinstance(learner, cls):
             raise TypeError(f"{path} holds a {type(learner).__name__}, not a {cls.__name__}")
         return learner

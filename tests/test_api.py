@@ -13,6 +13,7 @@ from metarl.agents.incontext import InContextConfig, InContextLearner
 from metarl.agents.maml import MAMLConfig
 from metarl.agents.maml_learner import MAMLLearner, MetaBatchConfig, OuterConfig
 from metarl.checkpoint import CheckpointError
+from metarl.envs.gym_adapter import GymParam, gym_family
 from metarl.evaluation import evaluate_adaptation
 from metarl.rollout import collect, make_rollout_env
 
@@ -67,6 +68,23 @@ def test_learn_callback_can_stop():
     seen = []
     learner = maml_learner().learn(5, callback=lambda m: seen.append(m) or len(seen) < 2)
     assert len(seen) == 2 and learner.iterations_done == 2 and "adapt/return_step_1" in seen[0]
+
+
+def test_a_learner_on_an_unregistered_family_loads_with_that_family(tmp_path):
+    family = gym_family("PoleLengthForLoad", "CartPole-v1", [GymParam("length", (0.25, 1.0))], horizon=5)
+    policy = MLPPolicy(family.observation_space, family.action_space, MLPConfig(hidden=(8,)))
+    learner = MAMLLearner(policy, family, batch=MetaBatchConfig(meta_batch=2, trajectories_per_task=2), seed=0).learn(1)
+    learner.save(tmp_path / "pole.pt")
+    with pytest.raises(KeyError, match=r"'PoleLengthForLoad' is not known in this process.*load\(path, family=\.\.\.\)"):
+        MAMLLearner.load(tmp_path / "pole.pt")
+    loaded = MAMLLearner.load(tmp_path / "pole.pt", family=family)
+    assert loaded.family is family and loaded.iterations_done == 1
+    assert all(torch.equal(v, w) for v, w in zip(learner.policy.parameters(), loaded.policy.parameters()))
+    with pytest.raises(ValueError, match="trained on task family 'PoleLengthForLoad', but family='PointNav'"):
+        MAMLLearner.load(tmp_path / "pole.pt", family=metarl.make_family("PointNav"))
+    impostor = gym_family("PoleLengthForLoad", "Pendulum-v1", [GymParam("g", (9.0, 11.0))], horizon=5)
+    with pytest.raises(ValueError, match=r"does not fit task family 'PoleLengthForLoad' \(observation space Box"):
+        MAMLLearner.load(tmp_path / "pole.pt", family=impostor)
 
 
 def test_load_rejects_other_files_clearly(tmp_path):
