@@ -144,6 +144,8 @@ def run_training(config: TrainConfig, run_dir: str | Path | None = None, resume:
                       progress=config.progress)
     if resume:
         trainer.resume()
+        if distributed.is_main():  # the config it continues with (e.g. more iterations) is the run's config now
+            save_config(config, run_dir / "config.json")
     elif distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")

@@ -114,6 +114,7 @@ def test_cli_train_writes_run_and_resumes(tmp_path):
     more = run_cli("train", "--resume", str(run_dir), "--iterations", "3")
     assert more.returncode == 0, more.stderr[-2000:]
     assert load_checkpoint(latest_checkpoint(run_dir))["iteration"] == 3
+    assert json.loads((run_dir / "config.json").read_text())["iterations"] == 3  # what `metarl evaluate` reads
 
 
 def test_cli_corrupt_checkpoint_is_a_clear_error_not_a_fresh_start(tmp_path):
