@@ -42,7 +42,9 @@ class MAMLConfig:
     inner_lr: float = 0.1
     """Step size of each inner policy-gradient step (the initial value of every Meta-SGD step size)."""
     inner_steps: int = 1
-    """Number of inner gradient steps K on each task's support trajectories."""
+    """Number of inner gradient steps K. `adapt` takes all K on the support trajectories it is given; `MAMLLearner`
+    collects fresh support trajectories before each step, with each task's current parameters (as the MAML
+    authors' RL code did), and logs the return before adaptation and after every step."""
     first_order: bool = False
     """Treat the inner gradients as constants (first-order MAML): no second derivatives in the meta-gradient."""
     gamma: float = 0.99

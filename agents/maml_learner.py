@@ -126,12 +126,23 @@ class MAMLLearner(SB3Surface):
                        params=params, per_task=params is not None, seed=seed, deterministic=deterministic,
                        isolate_episodes=self.maml.isolate_episodes, shard=shard)
 
-    def _adapt(self, params: Params, support: Trajectories, stacked: bool = False, inner_lr: float | None = None) -> Params:
-        config = self.maml if inner_lr is None else replace(self.maml, inner_lr=inner_lr)
+    def _adapt(self, params: Params, support: Trajectories, stacked: bool = False, inner_lr: float | None = None,
+               steps: int | None = None) -> Params:
+        """`adapt` with this learner's settings; `inner_lr` / `steps` override the step size / number of steps."""
+        config = replace(self.maml, inner_lr=self.maml.inner_lr if inner_lr is None else inner_lr,
+                         inner_steps=steps or self.maml.inner_steps)
         return adapt(self.policy, params, support, config, self.step_sizes if self.maml.meta_sgd else None, stacked)
 
+    def _adapt_chain(self, params: Params, supports: Sequence[Trajectories]) -> Params:
+        """Inner step k on `supports[k]`, from the shared `params`: the per-task parameters after len(supports) steps
+        (differentiable w.r.t. `params` and the Meta-SGD step sizes)."""
+        for k, support in enumerate(supports):
+            params = self._adapt(params, support, stacked=k > 0, steps=1)
+        return params
+
     def adapt(self, support: Trajectories) -> Params:
-        """Per-task adapted parameters ``[N, ...]`` (detached) from support trajectories of N tasks."""
+        """Per-task adapted parameters ``[N, ...]`` (detached) from support trajectories of N tasks: all
+        `maml.inner_steps` steps on these trajectories."""
         return {k: v.detach() for k, v in self._adapt(self._params(), support).items()}
 
     # ------------------------------------------------------------------ training
@@ -148,20 +159,22 @@ class MAMLLearner(SB3Surface):
         shard = shard_of(len(tasks)) if is_distributed() else None
         weight = 1.0 if shard is None else shard.weight
         tasks = tasks if shard is None else tasks[shard.start:shard.stop]
-        support = self._collect(tasks, seeds[1], shard=shard)
-        adapted = self.adapt(support)
+        supports: list[Trajectories] = []  # inner step k adapts on fresh trajectories of the parameters after k steps
+        adapted: Params | None = None
+        for k in range(self.maml.inner_steps):
+            supports.append(self._collect(tasks, seeds[1] if k == 0 else derive_seed(seeds[1], k), params=adapted,
+                                          shard=shard))
+            current = self._params() if adapted is None else adapted
+            adapted = {n: v.detach() for n, v in self._adapt(current, supports[-1], adapted is not None, steps=1).items()}
         query = self._collect(tasks, seeds[2], params=adapted, shard=shard)
         advantages = linear_baseline_advantages(query, self.maml)
         if self.outer.method == "trpo":
-            metrics = self._trpo_update(support, query, adapted, advantages, weight)
+            metrics = self._trpo_update(supports, query, adapted, advantages, weight)
         else:
-            metrics = self._ppo_update(support, query, advantages, weight)
-        steps = support.num_steps + query.num_steps
-        metrics.update(weighted_metrics({
-            "adapt/return_step_0": support.episode_returns().mean().item(),
-            "adapt/return_step_1": query.episode_returns().mean().item(),
-            "env_steps": steps / weight,
-        }, weight, self.device))
+            metrics = self._ppo_update(supports, query, advantages, weight)
+        returns = {f"adapt/return_step_{k}": t.episode_returns().mean().item() for k, t in enumerate([*supports, query])}
+        steps = sum(t.num_steps for t in supports) + query.num_steps
+        metrics.update(weighted_metrics({**returns, "env_steps": steps / weight}, weight, self.device))
         self.env_steps += round(metrics.pop("env_steps"))
         metrics["time/iteration_s"] = time.perf_counter() - start
         return metrics
@@ -171,16 +184,19 @@ class MAMLLearner(SB3Surface):
         steps = {k[len(_STEP_PREFIX):]: v for k, v in full.items() if k.startswith(_STEP_PREFIX)}
         return params, (steps or None)
 
-    def _trpo_update(self, support: Trajectories, query: Trajectories, adapted: Params, adv: Tensor,
+    def _trpo_update(self, supports: Sequence[Trajectories], query: Trajectories, adapted: Params, adv: Tensor,
                      weight: float = 1.0) -> dict[str, float]:
         with torch.no_grad():
             old = batched_policy_outputs(self.policy, adapted, query, self.maml.isolate_episodes, self.maml.task_chunk)
         full = {k: v.detach().requires_grad_() for k, v in self._params().items()}
         full |= {_STEP_PREFIX + k: v.detach().requires_grad_() for k, v in (self.step_sizes or {}).items()}
+        one_step = replace(self.maml, inner_steps=1)
 
         def adapted_of(p: Params) -> Params:
             params, steps = self._split(p)
-            return adapt(self.policy, params, support, self.maml, steps)
+            for k, support in enumerate(supports):
+                params = adapt(self.policy, params, support, one_step, steps, stacked=k > 0)
+            return params
 
         def loss_fn(p: Params) -> Tensor:  # this shard's term of the global mean over tasks
             return weight * outer_surrogate(self.policy, adapted_of(p), query, query.log_probs, adv,
@@ -207,12 +223,12 @@ class MAMLLearner(SB3Surface):
             for name, s in (self.step_sizes or {}).items():
                 s.copy_(steps[name])  # type: ignore[index]
 
-    def _ppo_update(self, support: Trajectories, query: Trajectories, adv: Tensor,
+    def _ppo_update(self, supports: Sequence[Trajectories], query: Trajectories, adv: Tensor,
                     weight: float = 1.0) -> dict[str, float]:
         assert self.optimizer is not None
         losses = []
         for _ in range(self.outer.ppo_epochs):
-            adapted = self._adapt(self._params(), support)  # re-adapt from the support data each epoch
+            adapted = self._adapt_chain(self._params(), supports)  # re-adapt from the support data each epoch
             loss = ppo_outer_loss(self.policy, adapted, query, query.log_probs, adv, self.maml.isolate_episodes,
                                   self.outer.ppo_clip, self.maml.task_chunk)
             self.optimizer.zero_grad()
@@ -223,7 +239,7 @@ class MAMLLearner(SB3Surface):
             self.optimizer.step()
             losses.append(loss.item())
         with torch.no_grad():
-            adapted = self._adapt(self._params(), support)
+            adapted = self._adapt_chain(self._params(), supports)
             new_out = batched_policy_outputs(self.policy, {k: v.detach() for k, v in adapted.items()}, query,
                                              self.maml.isolate_episodes, self.maml.task_chunk)
             approx_kl = (query.log_probs - self.policy.log_prob(new_out, query.actions))[query.valid].mean().item()
@@ -253,7 +269,7 @@ class MAMLLearner(SB3Surface):
             if k < steps:
                 start = self._params() if params is None else params
                 lr = lrs[min(k, len(lrs) - 1)] if lrs else None
-                params = {n: v.detach() for n, v in self._adapt(start, traj, params is not None, lr).items()}
+                params = {n: v.detach() for n, v in self._adapt(start, traj, params is not None, lr, steps=1).items()}
         means = [sum(r) / len(r) for r in per_task]
         # with several episodes per trial, the in-context curve is that of the last (most adapted) parameters
         incontext = traj.episodes_per_trial > 1 and self.policy.reads_history

@@ -84,9 +84,10 @@ def test_step_sizes_set_each_evaluation_step(monkeypatch):
     lrs = []
     adapt = agent._adapt
 
-    def spy(params, support, stacked=False, inner_lr=None):
+    def spy(params, support, stacked=False, inner_lr=None, steps=None):
+        assert steps == 1  # one gradient step per evaluation step, whatever maml.inner_steps is
         lrs.append(inner_lr)
-        return adapt(params, support, stacked, inner_lr)
+        return adapt(params, support, stacked, inner_lr, steps)
 
     monkeypatch.setattr(agent, "_adapt", spy)
     base = evaluate_adaptation(agent, agent.family, "test", num_tasks=3, steps=3, seed=0)

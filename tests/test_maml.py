@@ -127,24 +127,28 @@ def reference_log_probs(policy, params, traj_i: Trajectories, isolate: bool) -> 
 
 
 def per_task_reference_meta_gradient(policy, params, support, query, old_log_probs, query_adv, config, step_sizes=None):
-    """Meta-gradient of the TRPO surrogate by a Python loop over tasks with torch.autograd.grad(create_graph=True)."""
+    """Meta-gradient of the TRPO surrogate by a Python loop over tasks with torch.autograd.grad(create_graph=True).
+
+    `support`: one Trajectories for all `config.inner_steps` steps, or a list with one per step."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     lrs = {k: v.detach().clone().requires_grad_(True) for k, v in (step_sizes or {}).items()}
-    support_adv = support_advantages(support, config)
+    supports = support if isinstance(support, list) else [support] * config.inner_steps
+    support_advs = [support_advantages(s, config) for s in supports]
     names = adapted_names(leaves, config.adapt)
     total = torch.zeros((), dtype=F64)
-    for i in range(support.num_tasks):
+    for i in range(query.num_tasks):
         theta = {k: v.clone() for k, v in leaves.items()}  # this task's own copy, still a function of `leaves`
-        s_i, q_i = support.select_tasks(i), query.select_tasks(i)
-        for _ in range(config.inner_steps):
+        q_i = query.select_tasks(i)
+        for step_support, step_adv in zip(supports, support_advs):
+            s_i = step_support.select_tasks(i)
             logp = reference_log_probs(policy, theta, s_i, config.isolate_episodes)
-            loss = -(logp * support_adv[i][s_i.valid]).sum() / s_i.valid.sum()
+            loss = -(logp * step_adv[i][s_i.valid]).sum() / s_i.valid.sum()
             grads = torch.autograd.grad(loss, [theta[k] for k in names], create_graph=not config.first_order,
                                         allow_unused=True, materialize_grads=True)
             theta = {**theta, **{k: theta[k] - lrs.get(k, config.inner_lr) * g for k, g in zip(names, grads)}}
         logp = reference_log_probs(policy, theta, q_i, False)
         ratio = torch.exp(logp - old_log_probs[i][q_i.valid])
-        total = total - (ratio * query_adv[i][q_i.valid]).mean() / support.num_tasks
+        total = total - (ratio * query_adv[i][q_i.valid]).mean() / query.num_tasks
     wrt = {**leaves, **{f"lr:{k}": v for k, v in lrs.items()}}
     return dict(zip(wrt, torch.autograd.grad(total, list(wrt.values()), allow_unused=True, materialize_grads=True)))
 
@@ -206,6 +210,27 @@ def test_task_chunks_give_the_same_losses_and_meta_gradient(kind, chunk):
                                outer_kl(policy, moved, query, old_outputs), atol=1e-12, rtol=0)
     torch.testing.assert_close(ppo_outer_loss(policy, moved, query, old, adv, task_chunk=chunk),
                                ppo_outer_loss(policy, moved, query, old, adv), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_steps_on_fresh_support_batches_match_per_task_loop(kind):
+    """The learner's K steps: step k adapts on its own batch, continuing from the per-task parameters (stacked)."""
+    policy, params, cfg, support, query, old, adv = setup(kind, "box", meta_sgd=True)
+    step_sizes = {k: v * (1.0 + torch.rand_like(v)) for k, v in init_step_sizes(params, cfg).items()}
+    second = make_trajectories(policy.discrete)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    lrs = {k: v.detach().clone().requires_grad_(True) for k, v in step_sizes.items()}
+    adapted = adapt(policy, leaves, support, cfg, lrs)
+    adapted = adapt(policy, adapted, second, cfg, lrs, stacked=True)
+    loss = outer_surrogate(policy, adapted, query, old, adv)
+    wrt = {**leaves, **{f"lr:{k}": v for k, v in lrs.items()}}
+    got = dict(zip(wrt, torch.autograd.grad(loss, list(wrt.values()), allow_unused=True, materialize_grads=True)))
+    two_steps = dataclasses.replace(cfg, inner_steps=2)
+    want = per_task_reference_meta_gradient(policy, params, [support, second], query, old, adv, two_steps, step_sizes)
+    same_batch = per_task_reference_meta_gradient(policy, params, support, query, old, adv, two_steps, step_sizes)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+    assert max(float((want[k] - same_batch[k]).abs().max()) for k in want) > 1e-4  # the second batch matters
 
 
 def meta_objective(policy, cfg, support, query, old, adv):
