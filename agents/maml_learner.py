@@ -133,11 +133,12 @@ class MAMLLearner(SB3Surface):
                          inner_steps=steps or self.maml.inner_steps)
         return adapt(self.policy, params, support, config, self.step_sizes if self.maml.meta_sgd else None, stacked)
 
-    def _adapt_chain(self, params: Params, supports: Sequence[Trajectories]) -> Params:
+    def _adapt_chain(self, params: Params, supports: Sequence[Trajectories], step_sizes: Params | None) -> Params:
         """Inner step k on `supports[k]`, from the shared `params`: the per-task parameters after len(supports) steps
-        (differentiable w.r.t. `params` and the Meta-SGD step sizes)."""
+        (differentiable w.r.t. `params` and the Meta-SGD `step_sizes`)."""
+        one_step = replace(self.maml, inner_steps=1)
         for k, support in enumerate(supports):
-            params = self._adapt(params, support, stacked=k > 0, steps=1)
+            params = adapt(self.policy, params, support, one_step, step_sizes, stacked=k > 0)
         return params
 
     def adapt(self, support: Trajectories) -> Params:
@@ -190,13 +191,10 @@ class MAMLLearner(SB3Surface):
             old = batched_policy_outputs(self.policy, adapted, query, self.maml.isolate_episodes, self.maml.task_chunk)
         full = {k: v.detach().requires_grad_() for k, v in self._params().items()}
         full |= {_STEP_PREFIX + k: v.detach().requires_grad_() for k, v in (self.step_sizes or {}).items()}
-        one_step = replace(self.maml, inner_steps=1)
 
         def adapted_of(p: Params) -> Params:
             params, steps = self._split(p)
-            for k, support in enumerate(supports):
-                params = adapt(self.policy, params, support, one_step, steps, stacked=k > 0)
-            return params
+            return self._adapt_chain(params, supports, steps)
 
         def loss_fn(p: Params) -> Tensor:  # this shard's term of the global mean over tasks
             return weight * outer_surrogate(self.policy, adapted_of(p), query, query.log_probs, adv,
@@ -228,7 +226,7 @@ class MAMLLearner(SB3Surface):
         assert self.optimizer is not None
         losses = []
         for _ in range(self.outer.ppo_epochs):
-            adapted = self._adapt_chain(self._params(), supports)  # re-adapt from the support data each epoch
+            adapted = self._adapt_chain(self._params(), supports, self.step_sizes)  # re-adapt from the support data each epoch
             loss = ppo_outer_loss(self.policy, adapted, query, query.log_probs, adv, self.maml.isolate_episodes,
                                   self.outer.ppo_clip, self.maml.task_chunk)
             self.optimizer.zero_grad()
@@ -239,7 +237,7 @@ class MAMLLearner(SB3Surface):
             self.optimizer.step()
             losses.append(loss.item())
         with torch.no_grad():
-            adapted = self._adapt_chain(self._params(), supports)
+            adapted = self._adapt_chain(self._params(), supports, self.step_sizes)
             new_out = batched_policy_outputs(self.policy, {k: v.detach() for k, v in adapted.items()}, query,
                                              self.maml.isolate_episodes, self.maml.task_chunk)
             approx_kl = (query.log_probs - self.policy.log_prob(new_out, query.actions))[query.valid].mean().item()

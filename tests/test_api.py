@@ -65,16 +65,21 @@ def test_task_chunk_reaches_every_vectorised_call(monkeypatch, method):
 
 
 @pytest.mark.parametrize("method", ["trpo", "ppo"])
-def test_each_inner_step_adapts_on_fresh_trajectories_and_is_logged(method):
+@pytest.mark.parametrize("meta_sgd", [False, True], ids=["fixed_lr", "meta_sgd"])
+def test_each_inner_step_adapts_on_fresh_trajectories_and_is_logged(method, meta_sgd):
     one = maml_learner(outer=OuterConfig(method=method, ppo_epochs=1))
     one.train_iteration(0)
-    learner = maml_learner(maml=MAMLConfig(inner_steps=2, inner_lr=0.5), outer=OuterConfig(method=method, ppo_epochs=1))
-    before = [p.detach().clone() for p in learner.policy.parameters()]
+    maml = MAMLConfig(inner_steps=2, inner_lr=0.5, meta_sgd=meta_sgd)
+    learner = maml_learner(maml=maml, outer=OuterConfig(method=method, ppo_epochs=1))
+    before = [p.detach().clone() for p in [*learner.policy.parameters(), *(learner.step_sizes or {}).values()]]
     metrics = learner.train_iteration(0)
     assert learner.env_steps == 3 * one.env_steps // 2  # support before step 1, before step 2, and the query
     returns = [metrics[f"adapt/return_step_{k}"] for k in range(3)]
     assert "adapt/return_step_3" not in metrics and len(set(returns)) == 3, returns
-    assert any(not torch.equal(p, q) for p, q in zip(before, learner.policy.parameters()))
+    after = [*learner.policy.parameters(), *(learner.step_sizes or {}).values()]
+    assert any(not torch.equal(p, q) for p, q in zip(before, after))
+    if meta_sgd:  # the learned step sizes moved too
+        assert any(not torch.equal(p, q) for p, q in zip(before[-len(learner.step_sizes):], after[-len(learner.step_sizes):]))
 
 
 def test_learn_callback_can_stop():
