@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from metarl.checkpoint import latest_checkpoint
-from metarl.config import build_config, config_to_dict
+from metarl.config import build_config, config_from_dict, config_to_dict
 from metarl.machine import benchmark_parser, machine_info, write_results
 from metarl.train import TrainConfig, run_training
 
@@ -62,7 +62,9 @@ def check_same_run(run_dir: Path, config: TrainConfig) -> None:
     saved_path = run_dir / "config.json"
     if not saved_path.exists():
         return
-    saved, now = json.loads(saved_path.read_text()), config_to_dict(config)
+    # through the config class, so that keys added since the run was made take their defaults on both sides
+    saved = config_to_dict(config_from_dict(TrainConfig, json.loads(saved_path.read_text())))
+    now = config_to_dict(config)
     differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if differ:
         raise SystemExit(f"{run_dir} holds a run with a different configuration (keys {differ}); choose another "

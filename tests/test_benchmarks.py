@@ -92,6 +92,10 @@ def test_reproduce_maml_set_overrides_and_refuses_other_runs(tmp_path):
     module.check_same_run(tmp_path, replace(config, iterations=config.iterations + 10, progress=not config.progress))
     with pytest.raises(SystemExit, match=r"different configuration \(keys \['seed'\]\)"):
         module.check_same_run(tmp_path, replace(config, seed=config.seed + 1))
+    older = json.loads((tmp_path / "config.json").read_text())
+    del older["maml"]["task_chunk"]  # a run made before a config key existed still resumes
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    module.check_same_run(tmp_path, replace(config, maml=replace(config.maml, task_chunk=None)))
 
 
 def test_reproduce_maml_agent_configs_are_valid():
